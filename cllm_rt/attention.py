@@ -1,0 +1,48 @@
+"""Routing a Hugging Face model's attention through ``cllm_rt.ops.block_attention``.
+
+transformers looks attention functions up by name in ``AttentionInterface``; we register ours as
+``"cllm_rt"`` and switch a model to it only for the duration of a :func:`jacobi_attention` block.
+
+No mask function is registered on purpose: when an implementation has none, transformers skips mask
+construction altogether (``attention_mask=None``), and ``block_attention`` derives the exact mask itself
+from the per-row cache lengths (query i of row b sees keys ``0 … lengths[b]+i``). That both saves building a
+``[B, 1, n, S_max]`` mask every forward and removes any chance of SDPA's top-left ``is_causal`` alignment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AttentionInterface
+
+from . import ops
+
+ATTN_IMPLEMENTATION = "cllm_rt"
+CACHE_LENGTHS_KWARG = "cllm_rt_cache_lengths"
+
+
+def _block_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, softcap=None, **kwargs):
+    # query: [B, Hq, n, D]; key, value: the cache buffers [B, Hkv, S_max, D] that JacobiCache.update returned
+    lengths = kwargs.get(CACHE_LENGTHS_KWARG)
+    if lengths is None:
+        raise RuntimeError("the cllm_rt attention only runs inside cllm_rt decoding (it needs per-row cache lengths)")
+    if softcap is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by cllm_rt.ops.block_attention")
+    out = ops.block_attention(query, key, value, lengths, scale=scaling)  # [B, Hq, n, D]
+    return out.transpose(1, 2), None  # HF expects [B, n, Hq, D]
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _block_attention_forward)
+
+
+@contextlib.contextmanager
+def jacobi_attention(model: torch.nn.Module):
+    """Run ``model`` with block attention over a :class:`~cllm_rt.cache.JacobiCache`, then restore it."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

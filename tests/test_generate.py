@@ -1,0 +1,213 @@
+"""Exactness: greedy Jacobi decoding must equal model.generate(do_sample=False) token for token.
+
+Everything runs in float64, where rounding cannot flip an argmax, so any difference is a real bug.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import cllm_rt
+from tiny_models import CONFIGS, random_prompts, tiny_model
+
+ARCHS = sorted(CONFIGS)
+BLOCK_SIZES = [1, 2, 5, 16, 32]
+PROMPT_LENGTHS = {"single": [7], "ragged": [5, 1, 9], "length_one": [1]}
+MAX_NEW = 37  # not a multiple of any block size above 1
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch):
+    return tiny_model(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_reference(arch, batch_case, max_new_tokens=MAX_NEW, eos=None):
+    ids, mask = random_prompts(len(PROMPT_LENGTHS[batch_case]), PROMPT_LENGTHS[batch_case])
+    out = _model(arch).generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos, pad_token_id=0)
+    return ids, mask, out
+
+
+@pytest.mark.parametrize("batch_case", sorted(PROMPT_LENGTHS))
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_hf_generate(arch, block_size, batch_case):
+    ids, mask, expected = _hf_reference(arch, batch_case)
+    out = cllm_rt.generate(_model(arch), ids, mask, max_new_tokens=MAX_NEW, block_size=block_size,
+                           pad_token_id=0)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert out.stats.new_tokens == [MAX_NEW] * ids.shape[0]
+    assert 1.0 <= out.stats.tokens_per_forward <= block_size
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_eos_mid_block_rows_finish_independently(arch, block_size):
+    ids, mask, free_run = _hf_reference(arch, "ragged")
+    # an EOS that row 0 produces after a few tokens, inside the first blocks; other rows stop elsewhere or never
+    eos = int(free_run[0, ids.shape[1] + 6])
+    _, _, expected = _hf_reference(arch, "ragged", eos=eos)
+    out = cllm_rt.generate(_model(arch), ids, mask, max_new_tokens=MAX_NEW, block_size=block_size,
+                           eos_token_id=eos, pad_token_id=0)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert out.stats.new_tokens[0] <= 7
+    assert out.sequences[0, ids.shape[1] + out.stats.new_tokens[0] - 1] == eos
+
+
+def test_eos_from_generation_config():
+    model = tiny_model("llama")
+    ids, mask, free_run = _hf_reference("llama", "single")
+    model.generation_config.eos_token_id = int(free_run[0, ids.shape[1] + 10])
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW)
+    out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert out.sequences.shape[1] < ids.shape[1] + MAX_NEW
+
+
+def test_max_new_tokens_one_is_prefill_only():
+    ids, mask, _ = _hf_reference("llama", "ragged")
+    expected = _model("llama").generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=1,
+                                        pad_token_id=0)
+    out = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=1, block_size=16)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert out.stats.forward_passes == 0
+
+
+def test_autoregressive_stats_and_jacobi_never_needs_more_forwards():
+    ids, mask, _ = _hf_reference("llama", "single")
+    ar = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=1)
+    assert ar.stats.tokens_per_forward == 1.0
+    assert ar.stats.forward_passes == MAX_NEW - 1  # the first token comes from the prefill
+    jacobi = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=16)
+    assert jacobi.stats.forward_passes <= ar.stats.forward_passes
+    assert sum(k * c for k, c in enumerate(jacobi.stats.accepted_histogram)) == MAX_NEW - 1
+
+
+def test_seed_changes_guesses_not_output():
+    ids, mask, expected = _hf_reference("qwen2", "ragged")
+    for seed in (1, 2):
+        out = cllm_rt.generate(_model("qwen2"), ids, mask, max_new_tokens=MAX_NEW, block_size=8, seed=seed)
+        torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
+def test_no_attention_mask_means_no_padding():
+    ids, _, _ = _hf_reference("llama", "single")
+    expected = _model("llama").generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=0)
+    out = cllm_rt.generate(_model("llama"), ids, max_new_tokens=12, block_size=4)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
+def test_float32_model_runs_and_restores_attention_implementation():
+    model = tiny_model("llama", dtype=torch.float32)
+    before = model.config._attn_implementation
+    ids, mask = random_prompts(2, [4, 6])
+    out = cllm_rt.generate(model, ids, mask, max_new_tokens=10, block_size=4)
+    assert out.sequences.shape == (2, 16)
+    assert model.config._attn_implementation == before
+
+
+class _CollectingStreamer:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_every_token_once():
+    ids, mask, expected = _hf_reference("llama", "single")
+    streamer = _CollectingStreamer()
+    cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=6, streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == expected[0, ids.shape[1]:].tolist()
+    assert streamer.ended
+
+
+def test_works_with_transformers_text_streamer(capsys):
+    from transformers import TextStreamer
+
+    class _DigitsTokenizer:  # the smallest tokenizer TextStreamer accepts
+        def decode(self, ids, **kwargs):
+            return " ".join(str(i) for i in ids)
+
+    ids, mask, expected = _hf_reference("llama", "single")
+    cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=6,
+                     streamer=TextStreamer(_DigitsTokenizer(), skip_prompt=True))
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(t) for t in expected[0, ids.shape[1]:].tolist()]
+
+
+# ---------------------------------------------------------------- bad input: clear errors, never garbage
+
+def test_rejects_empty_prompt():
+    with pytest.raises(ValueError, match="empty prompt"):
+        cllm_rt.generate(_model("llama"), torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
+    ids, mask = random_prompts(2, [3, 2])
+    mask[1] = 0
+    with pytest.raises(ValueError, match="empty prompt"):
+        cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("block_size", [0, -3, 2.5])
+def test_rejects_bad_block_size(block_size):
+    ids, mask = random_prompts(1, [3])
+    with pytest.raises(ValueError, match="block_size"):
+        cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=4, block_size=block_size)
+
+
+def test_rejects_bad_max_new_tokens():
+    ids, mask = random_prompts(1, [3])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=0)
+
+
+def test_rejects_sequences_beyond_model_positions():
+    ids, mask = random_prompts(1, [200])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=57)
+
+
+def test_rejects_right_padding_and_bad_shapes():
+    ids, mask = random_prompts(2, [3, 5])
+    with pytest.raises(ValueError, match="left padding"):
+        cllm_rt.generate(_model("llama"), ids, mask.flip(1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="input_ids"):
+        cllm_rt.generate(_model("llama"), ids[0], max_new_tokens=4)
+    with pytest.raises(TypeError, match="integer"):
+        cllm_rt.generate(_model("llama"), ids.float(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        cllm_rt.generate(_model("llama"), ids, mask[:, 1:], max_new_tokens=4)
+
+
+def test_rejects_unsupported_architecture():
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(NotImplementedError, match="gpt2"):
+        cllm_rt.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+
+
+def test_rejects_streamer_with_batch():
+    ids, mask = random_prompts(2, [3, 5])
+    with pytest.raises(ValueError, match="batch size 1"):
+        cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=4, streamer=_CollectingStreamer())
+
+
+def test_rejects_logits_processors_that_change_greedy():
+    model = tiny_model("llama")
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(NotImplementedError, match="repetition_penalty"):
+        cllm_rt.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+
+
+def test_nan_model_output_raises():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        cllm_rt.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4)
