@@ -54,6 +54,8 @@ def test_eos_mid_block_rows_finish_independently(arch, block_size):
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
     assert out.stats.new_tokens[0] <= 7
     assert out.sequences[0, ids.shape[1] + out.stats.new_tokens[0] - 1] == eos
+    # the finished row left the batch: fewer row-steps than forwards x rows
+    assert sum(out.stats.accepted_histogram) < out.stats.forward_passes * ids.shape[0]
 
 
 def test_eos_from_generation_config():
@@ -190,6 +192,16 @@ def test_rejects_unsupported_architecture():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(NotImplementedError, match="gpt2"):
         cllm_rt.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+
+
+def test_rejects_sequences_beyond_sliding_window():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**{**tiny_model("mistral").config.to_dict(), "sliding_window": 16})
+    model = transformers.MistralForCausalLM(config).double().eval()
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        cllm_rt.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=20)
 
 
 def test_rejects_streamer_with_batch():
