@@ -92,9 +92,9 @@ def resolve_special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int]
 
 
 def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """Left-padded ``[B, L]`` prompts → right-aligned-free ``[B, L]`` tokens (real tokens first) and lengths.
+    """Left-padded ``[B, L]`` prompts → ``[B, L]`` tokens with each row's real tokens first, and lengths ``[B]``.
 
-    The cache stores each row from position 0 with no padding, so rows are ragged only in their lengths.
+    The cache stores each row from position 0 with no padding, so rows differ only in their lengths.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', input_ids)}")
