@@ -1,0 +1,429 @@
+"""Consistency training of a CLLM from collected Jacobi trajectories (Kou et al. 2024, Algorithm 1).
+
+Each training sample is one block of one prompt (:class:`cllm_rt.trajectory.BlockTrajectory`); a step
+draws a point ``y^(j)`` (j uniform over all but the fixed point) and minimises
+``consistency + ar_weight * AR`` (:mod:`cllm_rt.losses`) with the trained model itself as the
+stop-gradient target, as in the paper. One micro-batch costs two forwards: a no-grad one over the targets
+(``context + y*`` for global consistency, ``context + y^(j+1)`` for local) and one with gradients over the
+points and the AR sequences (``prompt + answer``) batched together. Logits are computed only at the
+positions a loss reads, not over the whole sequence.
+
+Everything that decides the math derives from (seed, step): the data order is a seeded permutation per
+epoch and the point of each sample a seeded choice from its position in that stream, so a run resumed
+from a checkpoint (model, optimizer, scheduler, RNG states, step) continues exactly as the uninterrupted run,
+and a global batch gives the same update whatever its split into processes (each takes a contiguous slice
+of every micro-step) and micro-steps.
+
+Outputs in ``out_dir``: the trained model as a plain Hugging Face directory (``save_pretrained`` in the
+source checkpoint's dtype, plus the tokenizer when the source has one), ``checkpoint.pt`` (the resume
+point, rewritten atomically every ``save_every`` steps and at the end), and ``log.jsonl`` (one line per
+step: loss terms, lr, grad norm, tokens/s, where tokens are those of all forwards of the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .atomic_io import atomic_write, atomic_write_text
+from .distributed import Processes, torchrun_processes
+from .losses import autoregressive_loss, consistency_loss
+from .trajectory import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: str = "global"  # "global" or "local" consistency
+    max_steps: int | None = None  # default: one pass over the blocks
+    lr: float = 2e-5
+    batch_size: int = 8  # blocks per process per micro-step
+    grad_accum: int = 1
+    warmup: int = 0  # steps of linear warmup before the cosine decay
+    seed: int = 0
+    save_every: int = 100
+    grad_checkpointing: bool = False
+    ar_weight: float = 10.0
+    ar_target: str = "greedy"  # "greedy": the target's own answer; "reference": the dataset's answer
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    fsdp: bool = False
+
+    def validate(self) -> None:
+        if self.loss not in ("global", "local"):
+            raise ValueError(f"loss must be 'global' or 'local', got {self.loss!r}")
+        if self.ar_target not in ("greedy", "reference"):
+            raise ValueError(f"ar_target must be 'greedy' or 'reference', got {self.ar_target!r}")
+        for name in ("batch_size", "grad_accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0 or self.warmup < 0 or self.ar_weight < 0 or self.max_grad_norm <= 0:
+            raise ValueError("lr and max_grad_norm must be > 0; warmup and ar_weight must be >= 0")
+
+
+Sample = tuple[PromptTrajectories, BlockTrajectory]
+
+
+class DataOrder:
+    """Which blocks, and which point of each, a process trains on at a given step (a pure function of the seed)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._permutations: dict[int, list[int]] = {}
+
+    def sample(self, position: int) -> int:
+        """The sample at ``position`` of the endless stream of seeded per-epoch permutations."""
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._permutations = {epoch: torch.randperm(self.num_samples, generator=generator).tolist()}
+        return self._permutations[epoch][offset]
+
+    def point(self, position: int, num_states: int) -> int:
+        """The trajectory point trained on at ``position``: uniform over all states but the fixed point."""
+        return random.Random(f"{self.seed}:{position}").randrange(num_states - 1)
+
+    @staticmethod
+    def positions(step: int, micro: int, rank: int, batch_size: int, grad_accum: int, world_size: int) -> range:
+        per_micro = batch_size * world_size
+        first = step * per_micro * grad_accum + micro * per_micro + rank * batch_size
+        return range(first, first + batch_size)
+
+
+class ScoredLogits(torch.nn.Module):
+    """The causal LM, returning logits only at the ``(rows, cols)`` positions a loss reads.
+
+    Wrapping the whole computation in one module lets DDP/FSDP see a single forward per pass.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        # Right padding needs no attention mask: causal attention keeps every real token before the pads.
+        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [R, T, d]
+        return self.lm.get_output_embeddings()(hidden[rows, cols])  # [len(rows), V]
+
+
+def _right_pad(rows: list[list[int]], device) -> torch.Tensor:
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
+def _spans(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row/column indices of ``lengths[r]`` positions from ``starts[r]`` in each row, padded to the longest
+    span (pad entries repeat a real position and are False in the returned mask): [R, W] each."""
+    width = max(max(lengths), 1)
+    offsets = torch.arange(width)
+    mask = offsets[None, :] < torch.tensor(lengths)[:, None]
+    cols = torch.tensor(starts)[:, None] + torch.minimum(offsets[None, :], torch.tensor(lengths)[:, None] - 1)
+    rows = torch.arange(len(starts))[:, None].expand(-1, width)
+    return rows.to(device), cols.to(device), mask.to(device)
+
+
+@dataclass
+class StepLosses:
+    total: float
+    consistency: float
+    ar: float
+    tokens: int
+
+
+def micro_batch_loss(model, samples: list[Sample], points: list[int], config: TrainConfig, device):
+    """Loss of one micro-batch (a tensor to backpropagate) and its terms for the log."""
+    n = len(samples[0][1].states[0])
+    contexts = [p.context(b) for p, b in samples]
+    student = [b.states[j] for (_, b), j in zip(samples, points)]
+    target = [b.states[-1] if config.loss == "global" else b.states[j + 1] for (_, b), j in zip(samples, points)]
+    answers = [p.answer if config.ar_target == "greedy" else p.reference for p, _ in samples]
+    ar_rows = [p.prompt + a for (p, _), a in zip(samples, answers)]
+
+    # block position i is scored at the input position of y_{i-1} (the context's last token for i = 1)
+    block_starts = [len(c) - 1 for c in contexts]
+    block = _spans(block_starts, [n] * len(samples), device)
+    with torch.no_grad():
+        target_ids = _right_pad([c + t[:-1] for c, t in zip(contexts, target)], device)
+        target_logits = model(target_ids, block[0].flatten(), block[1].flatten())
+
+    ar = _spans([len(p.prompt) - 1 for p, _ in samples], [len(a) for a in answers], device)
+    student_ids = _right_pad([c + s[:-1] for c, s in zip(contexts, student)] + ar_rows, device)
+    rows = torch.cat([block[0].flatten(), ar[0].flatten() + len(samples)])
+    logits = model(student_ids, rows, torch.cat([block[1].flatten(), ar[1].flatten()]))
+    split = block[0].numel()
+
+    def as_tensor(rows_of_tokens):
+        return torch.tensor(rows_of_tokens, device=device)
+
+    consistency = consistency_loss(logits[:split].view(len(samples), n, -1), target_logits.view(len(samples), n, -1),
+                                   as_tensor(student), as_tensor(target), as_tensor([b.valid for _, b in samples]))
+    labels = student_ids[ar[0] + len(samples), ar[1] + 1]  # [B, W]: the token after each scored position
+    ar_loss = autoregressive_loss(logits[split:].view(*labels.shape, -1), labels, ar[2])
+    total = consistency + config.ar_weight * ar_loss
+    tokens = sum(len(c) + n - 1 for c in contexts) * 2 + sum(len(r) for r in ar_rows)
+    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), tokens)
+
+
+# ---------------------------------------------------------------- the run
+
+def train(model_dir: str, trajectories_dir: str, out_dir: str, config: TrainConfig = TrainConfig(), *,
+          progress: bool = True, device: str | None = None) -> dict:
+    """Consistency-train ``model_dir`` on ``trajectories_dir`` into ``out_dir``; resumes a run found there.
+
+    Under torchrun every process runs this with the same arguments (DDP, or FSDP with ``config.fsdp``).
+    Returns the last log entry (on the main process; {} on the others).
+    """
+    config.validate()
+    with torchrun_processes(device) as processes:
+        return _Run(model_dir, trajectories_dir, out_dir, config, processes, progress).run()
+
+
+class _Run:
+    def __init__(self, model_dir, trajectories_dir, out_dir, config: TrainConfig, processes: Processes, progress):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.config, self.processes, self.out_dir, self.model_dir = config, processes, out_dir, model_dir
+        self.progress = progress and processes.is_main
+        trajectories = load_trajectories(trajectories_dir)
+        self.samples = [(p, b) for p in trajectories.prompts for b in p.blocks if len(b.states) > 1]
+        if not self.samples:
+            raise ValueError(f"{trajectories_dir} holds no block with a trajectory to learn from (every block "
+                             "started at its fixed point, or no prompt was kept)")
+        if config.ar_target == "reference" and not trajectories.manifest["settings"]["keep_reference"]:
+            raise ValueError(f"ar_target='reference' needs reference answers, but {trajectories_dir} was "
+                             "collected without --keep-reference")
+        source_dtype = AutoConfig.from_pretrained(model_dir).dtype
+        self.save_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype or torch.float32
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # train in float32
+        self._check_compatible(trajectories, trajectories_dir)
+        self.world_batch = config.batch_size * processes.world_size
+        self.max_steps = config.max_steps or -(-len(self.samples) // (self.world_batch * config.grad_accum))
+        self.identity = {
+            "trajectories": trajectories.manifest["identity"], "block_size": trajectories.block_size,
+            "source_model": model_fingerprint(self.lm)["sha256"], "global_batch": self.world_batch * config.grad_accum,
+            "micro_batch": self.world_batch, "max_steps": self.max_steps,
+            **{k: v for k, v in dataclasses.asdict(config).items()
+               if k not in ("batch_size", "save_every", "grad_checkpointing", "fsdp", "max_steps")}}
+        self.order = DataOrder(len(self.samples), config.seed)
+
+    def _check_compatible(self, trajectories, trajectories_dir) -> None:
+        collected = trajectories.manifest["model"]["vocab_size"]
+        if collected != self.lm.config.vocab_size:
+            raise ValueError(f"{trajectories_dir} was collected with a vocabulary of {collected} tokens but "
+                             f"{self.model_dir} has {self.lm.config.vocab_size}: trajectories of another model")
+        recorded = trajectories.manifest.get("tokenizer")
+        tokenizer = _load_tokenizer(self.model_dir)
+        if recorded is not None and tokenizer is not None and tokenizer_fingerprint(tokenizer) != recorded:
+            raise ValueError(f"{trajectories_dir} was tokenized by another tokenizer ({recorded}) than "
+                             f"{self.model_dir}'s ({tokenizer_fingerprint(tokenizer)})")
+
+    def run(self) -> dict:
+        config, processes = self.config, self.processes
+        torch.manual_seed(config.seed + processes.rank)  # only dropout, if the model has any, draws from it
+        if config.grad_checkpointing:
+            self.lm.activation_checkpointing_enable({"use_reentrant": False})
+        self.lm.train()
+        module = ScoredLogits(self.lm).to(processes.device)
+        model = self._parallelize(module)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, self.max_steps)
+        step = self._resume(module, optimizer, scheduler)
+        autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=processes.device.type == "cuda")
+        bar = tqdm(total=self.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
+        entry = self._last_logged()
+        while step < self.max_steps:
+            start = time.perf_counter()
+            terms = []
+            for micro in range(config.grad_accum):
+                positions = DataOrder.positions(step, micro, processes.rank, config.batch_size, config.grad_accum,
+                                                processes.world_size)
+                samples = [self.samples[self.order.sample(p)] for p in positions]
+                points = [self.order.point(p, len(b.states)) for p, (_, b) in zip(positions, samples)]
+                with self._gradient_sync(model, micro == config.grad_accum - 1):
+                    with autocast:
+                        loss, losses = micro_batch_loss(model, samples, points, config, processes.device)
+                    (loss / config.grad_accum).backward()
+                terms.append(losses)
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            entry = self._log(step, terms, lr, grad_norm, time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_second']:.0f}")
+            if step % config.save_every == 0 or step == self.max_steps:
+                self._save_checkpoint(step, module, optimizer, scheduler)
+        bar.close()
+        self._save_model(module)
+        return entry
+
+    def _parallelize(self, module):
+        processes = self.processes
+        if self.config.fsdp:
+            if not processes.distributed:
+                raise ValueError("--fsdp shards the model across processes: launch with torchrun and 2+ processes")
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.lm.base_model.layers:
+                fully_shard(layer)
+            fully_shard(module)
+            return module
+        if processes.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(module, device_ids=[processes.device.index]
+                                           if processes.device.type == "cuda" else None)
+        return module
+
+    def _gradient_sync(self, model, last_micro_step: bool):
+        """Reduce gradients across processes only on the last micro-step of an accumulation."""
+        if last_micro_step or not self.processes.distributed:
+            return contextlib.nullcontext()
+        if self.config.fsdp:
+            model.set_requires_gradient_sync(False)
+            return _restore_gradient_sync(model)
+        return model.no_sync()
+
+    def _last_logged(self) -> dict:
+        """The log's last entry (what a rerun of a finished run reports), or {} before the first step."""
+        path = os.path.join(self.out_dir, LOG)
+        if not self.processes.is_main or not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
+
+    def _log(self, step, terms: list[StepLosses], lr, grad_norm, seconds) -> dict:
+        local = [sum(getattr(t, k) for t in terms) / len(terms) for k in ("total", "consistency", "ar")]
+        total, consistency, ar = self.processes.mean(local)
+        tokens = self.processes.sum(sum(t.tokens for t in terms))
+        entry = {"step": step, "loss": total, "consistency": consistency, "ar": ar, "lr": lr, "grad_norm": grad_norm,
+                 "tokens": int(tokens), "tokens_per_second": tokens / seconds, "seconds": seconds}
+        if self.processes.is_main:
+            with open(os.path.join(self.out_dir, LOG), "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        return entry
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _save_checkpoint(self, step, module, optimizer, scheduler) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_state = get_model_state_dict(module, options=self._state_options())
+        optimizer_state = get_optimizer_state_dict(module, optimizer, options=self._state_options())
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(self.processes.device) if self.processes.device.type == "cuda" else None}
+        rngs = [None] * self.processes.world_size
+        if self.processes.distributed:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if self.processes.is_main:
+            state = {"step": step, "identity": self.identity, "model": model_state, "optimizer": optimizer_state,
+                     "scheduler": scheduler.state_dict(), "rng": rngs}
+            atomic_write(os.path.join(self.out_dir, CHECKPOINT), lambda tmp: torch.save(state, tmp))
+        self.processes.barrier()
+
+    def _resume(self, module, optimizer, scheduler) -> int:
+        """Load the checkpoint in out_dir if there is one; return the step to continue from."""
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        if not os.path.exists(path):
+            if self.processes.is_main:
+                os.makedirs(self.out_dir, exist_ok=True)
+                if os.path.exists(os.path.join(self.out_dir, LOG)):
+                    os.remove(os.path.join(self.out_dir, LOG))  # a log without a checkpoint has nothing to resume
+            self.processes.barrier()
+            return 0
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        differences = [f"{k}: {state['identity'].get(k)!r} there, {v!r} now"
+                       for k, v in self.identity.items() if state["identity"].get(k) != v]
+        if differences:
+            raise ValueError(f"{path} belongs to another training run ({'; '.join(differences)}); resume with the "
+                             "same model, trajectories and settings, or train into another --out directory")
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(module, state["model"], options=options)
+        set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
+        scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        if len(rngs) == self.processes.world_size:
+            rng = rngs[self.processes.rank]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and self.processes.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.processes.device)
+        if self.processes.is_main:
+            self._truncate_log(state["step"])
+        self.processes.barrier()
+        return state["step"]
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint: the resumed run logs them again."""
+        path = os.path.join(self.out_dir, LOG)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(kept))
+
+    def _save_model(self, module) -> None:
+        """Write the trained model as a plain Hugging Face directory (in the source dtype) plus the tokenizer."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(module, options=self._state_options())
+        if self.processes.is_main:
+            weights = {k.removeprefix("lm."): v.to(self.save_dtype) for k, v in state.items()}
+            self.lm.config.dtype = self.save_dtype
+            with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".model-") as tmp:
+                self.lm.save_pretrained(tmp, state_dict=weights)
+                tokenizer = _load_tokenizer(self.model_dir)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                for name in os.listdir(tmp):  # each file lands whole; a rerun rewrites any it missed
+                    os.replace(os.path.join(tmp, name), os.path.join(self.out_dir, name))
+        self.processes.barrier()
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _load_tokenizer(model_dir: str):
+    """The tokenizer saved with a model, or None when the directory has none."""
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir)

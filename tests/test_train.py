@@ -1,0 +1,190 @@
+"""Consistency training: outputs, exact resume, batch splitting (accumulation, DDP, FSDP) and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import cllm_rt
+from cllm_rt import train as train_module
+from cllm_rt.cli import main as cli_main
+from cllm_rt.train import DataOrder, TrainConfig, train
+from cllm_rt.trajectory import CollectSettings, Prompt, collect
+from tiny_models import random_prompts
+from training_fixtures import EOS, byte_tokenizer, files_in, save_model, tiny_lm
+
+BASE = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, save_every=2, warmup=1)
+
+
+def _collect(model, out, block_size=4, keep_reference=True, tokenizer=None):
+    ids, mask = random_prompts(8, [3 + i % 5 for i in range(8)], seed=3)
+    prompts = [Prompt(row[m.bool()].tolist(), [40 + i, 41, EOS]) for i, (row, m) in enumerate(zip(ids, mask))]
+    settings = CollectSettings(block_size=block_size, max_new_tokens=17, keep_reference=keep_reference)
+    collect(model, prompts, str(out), settings, tokenizer=tokenizer or byte_tokenizer(), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = tiny_lm(eos_token_id=EOS)
+    return {"model": save_model(model, root / "model", byte_tokenizer()), "trajectories": _collect(model, root / "t"),
+            "root": root}
+
+
+def _weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def _log(directory):
+    with open(os.path.join(directory, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path):
+    out = str(tmp_path / "out")
+    last = train(setup["model"], setup["trajectories"], out, BASE, progress=False)
+    assert last["step"] == 4 and all(torch.isfinite(torch.tensor(last[k])) for k in ("loss", "consistency", "ar"))
+    log = _log(out)
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert {"loss", "consistency", "ar", "lr", "grad_norm", "tokens_per_second"} <= log[0].keys()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "checkpoint.pt"} <= set(files_in(out))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    source = transformers.AutoModelForCausalLM.from_pretrained(setup["model"])
+    assert not torch.equal(model.lm_head.weight, source.lm_head.weight)
+    prompt = torch.tensor([[5, 6, 7]])
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    torch.testing.assert_close(cllm_rt.generate(model, prompt, max_new_tokens=10, block_size=4).sequences, expected)
+
+
+def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch):
+    config = TrainConfig(lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
+
+    log_step = train_module._Run._log
+
+    def killed_at_step_5(self, step, *args):
+        entry = log_step(self, step, *args)
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return entry
+
+    monkeypatch.setattr(train_module._Run, "_log", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)
+    assert [e["step"] for e in _log(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(train_module._Run, "_log", log_step)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)  # from step 4
+    whole, resumed = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [e["step"] for e in resumed] == list(range(1, 7))
+    assert [(e["loss"], e["lr"]) for e in resumed] == [(e["loss"], e["lr"]) for e in whole]
+    _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_gradient_accumulation_equals_one_large_batch(setup, tmp_path):
+    large = TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_steps=3)
+    split = TrainConfig(lr=1e-3, batch_size=2, grad_accum=2, max_steps=3)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "large"), large, progress=False)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "split"), split, progress=False)
+    _assert_same_weights(tmp_path / "large", tmp_path / "split", atol=1e-6)
+
+
+def test_gradient_checkpointing_changes_memory_not_math(setup, tmp_path):
+    plain = TrainConfig(lr=1e-3, batch_size=4, max_steps=2)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "plain"), plain, progress=False)
+    checkpointed = TrainConfig(lr=1e-3, batch_size=4, max_steps=2, grad_checkpointing=True)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "checkpointed"), checkpointed, progress=False)
+    _assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed", atol=1e-6)
+
+
+def test_data_order_covers_every_sample_once_per_epoch():
+    order = DataOrder(10, seed=3)
+    epoch = [order.sample(p) for p in range(10)]
+    assert sorted(epoch) == list(range(10)) and epoch != [order.sample(p) for p in range(10, 20)]
+    # the processes of one micro-step take adjacent slices of the same stream a single process would take
+    one = DataOrder.positions(step=2, micro=1, rank=0, batch_size=4, grad_accum=2, world_size=1)
+    two = [DataOrder.positions(2, 1, rank, 2, 2, 2) for rank in (0, 1)]
+    assert list(one) == [*two[0], *two[1]]
+    assert all(0 <= order.point(p, 5) < 4 for p in range(50))
+
+
+def test_local_loss_and_reference_answers(setup, tmp_path):
+    config = TrainConfig(lr=1e-3, batch_size=4, max_steps=2, loss="local", ar_target="reference")
+    last = train(setup["model"], setup["trajectories"], str(tmp_path / "out"), config, progress=False)
+    assert last["step"] == 2 and last["consistency"] >= 0 and last["ar"] > 0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, parallel):
+    single = TrainConfig(lr=1e-3, batch_size=4, max_steps=3, warmup=1)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "one"), single, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cllm_rt",
+               "train", "--model", setup["model"], "--trajectories", setup["trajectories"], "--out",
+               str(tmp_path / "two"), "--lr", "1e-3", "--batch-size", "2", "--max-steps", "3", "--warmup", "1",
+               *(["--fsdp"] if parallel == "fsdp" else [])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLLM_RT_ALLOW_FALLBACK="1")
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- bad inputs: clear errors, nothing written
+
+def test_trajectories_of_another_tokenizer_are_refused(setup, tmp_path):
+    other = byte_tokenizer()
+    other.add_tokens(["<extra>"])
+    trajectories = _collect(tiny_lm(eos_token_id=EOS), tmp_path / "t", tokenizer=other)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train(setup["model"], trajectories, str(tmp_path / "out"), BASE, progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_trajectories_of_another_vocabulary_are_refused(setup, tmp_path):
+    model = save_model(tiny_lm(vocab_size=300), tmp_path / "model")
+    with pytest.raises(ValueError, match="vocabulary of 258 tokens but .* has 300"):
+        train(model, setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_resuming_on_trajectories_of_another_block_size_is_refused(setup, tmp_path):
+    out = str(tmp_path / "out")
+    train(setup["model"], setup["trajectories"], out, TrainConfig(lr=1e-3, batch_size=4, max_steps=1), progress=False)
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in files_in(out)}
+    eight = _collect(tiny_lm(eos_token_id=EOS), tmp_path / "t8", block_size=8)
+    with pytest.raises(ValueError, match="block_size: 4 there, 8 now"):
+        train(setup["model"], eight, out, TrainConfig(lr=1e-3, batch_size=4, max_steps=1), progress=False)
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in files_in(out)} == before
+
+
+def test_reference_target_needs_references_and_a_directory_needs_a_manifest(setup, tmp_path):
+    plain = _collect(tiny_lm(eos_token_id=EOS), tmp_path / "t", keep_reference=False)
+    with pytest.raises(ValueError, match="without --keep-reference"):
+        train(setup["model"], plain, str(tmp_path / "out"), TrainConfig(ar_target="reference"), progress=False)
+    with pytest.raises(FileNotFoundError, match="not a trajectory directory"):
+        train(setup["model"], str(tmp_path), str(tmp_path / "out"), BASE, progress=False)
+    with pytest.raises(ValueError, match="loss must be"):
+        train(setup["model"], plain, str(tmp_path / "out"), TrainConfig(loss="both"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_train_then_generate(setup, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    cli_main(["train", "--model", setup["model"], "--trajectories", setup["trajectories"], "--out", out,
+              "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3"])
+    assert "step 2: loss" in capsys.readouterr().out
+    cli_main(["generate", "--model", out, "def f(x):", "--max-new-tokens", "12", "--block-size", "4"])
+    err = capsys.readouterr().err
+    assert "12 tokens in" in err and "tokens per forward" in err
