@@ -129,7 +129,7 @@ def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tens
     hidden = forward_block(model, cache, tokens)  # [B, L, d]
     last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # [B, d]
     logits = model.get_output_embeddings()(last)  # [B, V]
-    _raise_on_nan(logits.isnan().any(-1).nonzero().flatten().tolist())
+    raise_on_nan(logits.isnan().any(-1).nonzero().flatten().tolist())
     cache.commit(lengths, lengths.tolist())
     return logits.argmax(-1)
 
@@ -179,7 +179,8 @@ class PromptGuesses:
         self.tokens, self.lengths = self.tokens.index_select(0, rows), self.lengths.index_select(0, rows)
 
 
-def _check_positions(model, longest_prompt: int, max_new_tokens: int) -> None:
+def check_positions(model, longest_prompt: int, max_new_tokens: int) -> None:
+    """Refuse sequences the model has no positions for, or that a sliding window would cut."""
     config = model.config
     total = longest_prompt + max_new_tokens
     limit = getattr(config, "max_position_embeddings", None)
@@ -213,7 +214,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     batch = tokens.shape[0]
     if streamer is not None and batch != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")
-    _check_positions(model, tokens.shape[1], max_new_tokens)
+    check_positions(model, tokens.shape[1], max_new_tokens)
 
     start = time.perf_counter()
     stats = GenerationStats(accepted_histogram=[0] * (block_size + 1))
@@ -254,7 +255,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 block = torch.cat([block[:, :1], guesses.draw(width)[:, 1:]], 1)
             greedy, accepted, nan = jacobi_step(model, cache, block[:, :width])
             host = torch.cat([nan[:, None], accepted[:, None], greedy], 1).tolist()  # the step's one host sync
-            _raise_on_nan([rows[i] for i, h in enumerate(host) if h[0]])
+            raise_on_nan([rows[i] for i, h in enumerate(host) if h[0]])
             accepted_host = [h[1] for h in host]
             pending = [h[2:2 + a] for h, a in zip(host, accepted_host)]
             for a in accepted_host:
@@ -290,7 +291,8 @@ def _assemble(input_ids: torch.Tensor, outputs: list[list[int]], pad_token_id: i
     return torch.cat([input_ids.long(), new.to(input_ids.device)], 1)
 
 
-def _raise_on_nan(rows: list[int]) -> None:
+def raise_on_nan(rows: list[int]) -> None:
+    """Argmax over NaN logits is defined but meaningless: stop instead of emitting garbage."""
     if rows:
         raise FloatingPointError(f"the model produced NaN for batch rows {rows}; greedy decoding is undefined "
                                  "(check the weights and the dtype)")

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from .atomic_io import atomic_write, atomic_write_json
 from .attention import jacobi_attention
 from .cache import JacobiCache
-from .decoding import (PromptGuesses, _check_positions, _raise_on_nan, check_model, jacobi_step, prefill,
+from .decoding import (PromptGuesses, check_positions, raise_on_nan, check_model, jacobi_step, prefill,
                        resolve_special_tokens)
 from .distributed import Processes, torchrun_processes
 
@@ -166,7 +166,7 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
     decoded = blocks_needed(block_size, max_new_tokens) * block_size
-    _check_positions(model, tokens.shape[1], 1 + decoded)
+    check_positions(model, tokens.shape[1], 1 + decoded)
     cache = JacobiCache(model.config.num_hidden_layers, torch.zeros_like(lengths), max_len=tokens.shape[1] + decoded)
     builders = [TrajectoryBuilder(tokens[row, :len(p)], seed, block_size, max_new_tokens, eos)
                 for row, (p, seed) in enumerate(zip(prompts, seeds))]
@@ -185,7 +185,7 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
             block = torch.tensor([builders[b].block_input for b in active], device=device)  # [B, n]
             greedy, _, nan = jacobi_step(model, cache, block)
             host = torch.cat([nan[:, None].long(), greedy], 1).tolist()  # the iteration's one host sync
-            _raise_on_nan([active[i] for i, h in enumerate(host) if h[0]])
+            raise_on_nan([active[i] for i, h in enumerate(host) if h[0]])
             # a converged row keeps the block it just fed (it is the fixed point's context); the others retry
             committed = [block_size if builders[b].advance(h[1:]) else 0 for b, h in zip(active, host)]
             cache.commit(torch.tensor(committed, device=device), committed)
