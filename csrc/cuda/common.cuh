@@ -1,0 +1,150 @@
+// Device helpers shared by the CUDA kernels: element types, 16-byte packs, dtype
+// dispatch, and the argmax reduction with torch.argmax's tie and NaN rules.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "kernels.h"
+
+namespace cllm_rt::cuda {
+
+// Accumulation type: float32 for every input but float64.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(Acc<T> x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// 16 bytes of T: one vectorized load.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack16<T> load16(const T* p) {
+  return *reinterpret_cast<const Pack16<T>*>(p);
+}
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Calls f(T{}) with T the device element type of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// A partial argmax; index < 0 means "nothing seen".
+template <typename acc_t>
+struct ArgMax {
+  acc_t value;
+  int64_t index;
+  bool nan;
+};
+
+// The better of two partial results as torch.argmax would pick it: the first NaN,
+// else the larger value, else the smaller index. Order-independent, so any
+// reduction tree gives torch's answer.
+template <typename acc_t>
+__device__ __forceinline__ ArgMax<acc_t> merge_argmax(const ArgMax<acc_t>& a,
+                                                      const ArgMax<acc_t>& b) {
+  if (a.index < 0 || b.index < 0) return a.index < 0 ? b : a;
+  if (a.nan != b.nan) return a.nan ? a : b;
+  if (!a.nan && a.value != b.value) return a.value > b.value ? a : b;
+  return a.index < b.index ? a : b;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ ArgMax<acc_t> warp_reduce_argmax(ArgMax<acc_t> x) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    ArgMax<acc_t> other;
+    other.value = __shfl_xor_sync(0xffffffffu, x.value, offset);
+    other.index = __shfl_xor_sync(0xffffffffu, x.index, offset);
+    other.nan = __shfl_xor_sync(0xffffffffu, x.nan, offset);
+    x = merge_argmax(x, other);
+  }
+  return x;
+}
+
+// Block-wide argmax; every thread must call it; the result is valid in thread 0.
+template <typename acc_t, int kThreads>
+__device__ __forceinline__ ArgMax<acc_t> block_reduce_argmax(ArgMax<acc_t> x) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps");
+  __shared__ ArgMax<acc_t> partial[kThreads / 32];
+  x = warp_reduce_argmax(x);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kThreads / 32 ? partial[lane] : ArgMax<acc_t>{acc_t(0), -1, false};
+    x = warp_reduce_argmax(x);
+  }
+  return x;
+}
+
+// Running argmax of one thread over elements visited in increasing index order:
+// strict '>' keeps the first maximum, and the first NaN is remembered apart.
+template <typename acc_t>
+struct ThreadArgMax {
+  acc_t value = acc_t(0);
+  int64_t index = -1;
+  int64_t nan_index = -1;
+
+  __device__ __forceinline__ void push(acc_t v, int64_t i) {
+    if (v > value || index < 0) {
+      value = v;
+      index = i;
+    }
+    if (v != v && nan_index < 0) nan_index = i;
+  }
+  __device__ __forceinline__ ArgMax<acc_t> result() const {
+    if (nan_index >= 0) return {value, nan_index, true};
+    return {value, index, false};
+  }
+};
+
+}  // namespace cllm_rt::cuda

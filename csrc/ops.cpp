@@ -1,0 +1,33 @@
+// The cllm_rt operator library: schemas of the ops and the Python module cllm_rt._C.
+//
+// Kernels register themselves per device (TORCH_LIBRARY_IMPL in csrc/cpu and
+// csrc/cuda); Python reaches them as torch.ops.cllm_rt.<op> once cllm_rt._C is
+// imported. The module has no functions, only WITH_CUDA telling which build it is.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(cllm_rt, m) {
+  // Greedy tokens argmax(logits, -1) [B, n] and accepted block length [B] (int64).
+  m.def("jacobi_verify(Tensor logits, Tensor block) -> (Tensor, Tensor)");
+  // Softmax attention of q [B, Hq, n, D] against k/v caches [B, Hkv, S_max, D], query i
+  // of row b seeing key positions 0 .. cache_lens[b] + i.
+  m.def("block_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
+        "float scale) -> Tensor");
+  // argmax(hidden @ weight.T, -1) [B, n] without materializing the logits.
+  m.def("lm_head_argmax(Tensor hidden, Tensor weight) -> Tensor");
+}
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+#ifdef CLLM_RT_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
