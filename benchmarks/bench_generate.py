@@ -108,7 +108,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.reference_ops:
-        ops._use_native = lambda device: False  # TODO public toggle
+        ops.use_native(False)
     cases = [("llama-7M", torch.float32, 1, 128, 64, 3)] if args.quick else [
         ("llama-7M", torch.float32, 1, 256, 128, 5), ("llama-7M", torch.bfloat16, 1, 256, 128, 5),
         ("llama-7M", torch.float32, 4, 256, 128, 3), ("llama-58M", torch.float32, 1, 256, 128, 3)]

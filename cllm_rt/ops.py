@@ -23,14 +23,24 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_HEAD_DIM = 256
 
 
+_native_enabled = True
+
+
 def native_available() -> bool:
     """True when the compiled extension cllm_rt._C is loaded."""
     return _C is not None
 
 
+def use_native(enabled: bool) -> None:
+    """Route the ops to the compiled kernels (default) or to the PyTorch references, e.g. to compare them."""
+    global _native_enabled
+    _native_enabled = bool(enabled)
+
+
 def _use_native(device: torch.device) -> bool:
-    if _C is None:
+    if not _native_enabled or _C is None:
         return False
+    # A CPU-only build has no CUDA kernels: the reference takes CUDA tensors.
     return device.type == "cpu" or (device.type == "cuda" and bool(_C.WITH_CUDA))
 
 
@@ -112,12 +122,16 @@ def _acc_dtype(dtype):
 
 # ---------------------------------------------------------------- references
 
-def jacobi_verify_reference(logits, block):
-    greedy = logits.argmax(-1)  # [B, n]
+def accepted_length(block, greedy):
+    """1 + the largest k with block[b, 1:1+k] == greedy[b, :k]: the block prefix proven greedy, [B] int64."""
     # block[b, k+1] was guessed for the token greedy[b, k] predicts; accept the prefix.
     matches = (block[:, 1:] == greedy[:, :-1]).long()  # [B, n-1]
-    accepted = 1 + matches.cumprod(-1).sum(-1)  # [B]
-    return greedy, accepted
+    return 1 + matches.cumprod(-1).sum(-1)
+
+
+def jacobi_verify_reference(logits, block):
+    greedy = logits.argmax(-1)  # [B, n]
+    return greedy, accepted_length(block, greedy)
 
 
 def block_attention_reference(q, k_cache, v_cache, cache_lens, scale=None):

@@ -223,3 +223,13 @@ def test_nan_model_output_raises():
         model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
         cllm_rt.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+
+
+def test_reference_ops_give_the_same_output():
+    ids, mask, expected = _hf_reference("llama", "ragged")
+    cllm_rt.ops.use_native(False)
+    try:
+        out = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=16)
+    finally:
+        cllm_rt.ops.use_native(True)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)

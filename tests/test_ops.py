@@ -33,7 +33,7 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
-def seed():
+def seed(two_threads):  # two threads: the kernels' parallel split must be exercised too
     torch.manual_seed(0)
 
 
