@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import time
 
@@ -64,13 +65,18 @@ def _profiled_generate(model, ids, mask, **kwargs):
     return out, timer.seconds
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def _interleaved_medians(variants, repeats):
+    """Median seconds and last result of each variant, run in shuffled rounds after one warm-up round, so
+    drift on a shared machine hits every variant alike."""
+    times = {name: [] for name in variants}
+    results = {}
+    for round_ in range(repeats + 1):
+        for name in random.sample(list(variants), len(variants)):
+            start = time.perf_counter()
+            results[name] = variants[name]()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def bench(name, dtype, batch, prompt_len, max_new, repeats):
@@ -80,18 +86,19 @@ def bench(name, dtype, batch, prompt_len, max_new, repeats):
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     ids = torch.randint(3, config.vocab_size, (batch, prompt_len))
     mask = torch.ones_like(ids)
-    rows = []
-    hf_time, hf_out = _median_time(lambda: model.generate(ids, attention_mask=mask, do_sample=False,
-                                                          max_new_tokens=max_new, pad_token_id=0), repeats)
-    rows.append(dict(method="HF generate", seconds=hf_time, tokens_per_forward=1.0, same_as_hf=True))
+    variants = {"HF generate": lambda: model.generate(ids, attention_mask=mask, do_sample=False,
+                                                      max_new_tokens=max_new, pad_token_id=0)}
     for block_size in (1, 16):
-        run = lambda: _profiled_generate(model, ids, mask, max_new_tokens=max_new, block_size=block_size)
-        _median_time(run, 1)  # warm-up
-        seconds, (out, parts) = _median_time(run, repeats)
+        variants[f"cllm_rt block {block_size}" + (" (AR)" if block_size == 1 else "")] = (
+            lambda bs=block_size: _profiled_generate(model, ids, mask, max_new_tokens=max_new, block_size=bs))
+    seconds, results = _interleaved_medians(variants, repeats)
+    hf_time, hf_out = seconds["HF generate"], results["HF generate"]
+    rows = [dict(method="HF generate", seconds=hf_time, tokens_per_forward=1.0, same_as_hf=True)]
+    for method in list(variants)[1:]:
+        out, parts = results[method]
         loop = out.stats.wall_seconds - out.stats.prefill_seconds
         decode_forward = parts["forward"] - out.stats.prefill_seconds  # prefill is itself a forward
-        rows.append(dict(method=f"cllm_rt block {block_size}" + (" (AR)" if block_size == 1 else ""),
-                         seconds=seconds, tokens_per_forward=out.stats.tokens_per_forward,
+        rows.append(dict(method=method, seconds=seconds[method], tokens_per_forward=out.stats.tokens_per_forward,
                          same_as_hf=torch.equal(out.sequences, hf_out),
                          forward_share=decode_forward / loop, verify_share=parts["verify"] / loop,
                          overhead_share=max(0.0, loop - decode_forward - parts["verify"]) / loop,
@@ -112,6 +119,7 @@ def main():
     parser.add_argument("--reference-ops", action="store_true", help="force the pure-PyTorch ops")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    random.seed(0)
     if args.reference_ops:
         ops.use_native(False)
     cases = [("llama-7M", torch.float32, 1, 128, 64, 3)] if args.quick else [
