@@ -222,6 +222,7 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     for exact in ("target+ar", "target+jacobi"):  # the cllm_rt runtime reproduces greedy decoding exactly
         assert by_method[exact]["token_agreement"] == 1.0
     assert by_method["target+hf"]["tokens_per_forward"] == pytest.approx(1.0)
+    assert by_method["target+hf"]["non_loop_tokens_per_forward"] in (None, pytest.approx(1.0))
     assert results["versions"]["torch"] == torch.__version__ and results["machine"]["torch_threads"] == 2
     assert {c["name"] for c in results["targets"]} and results["seeds"]["seed"] == 0
     try:
