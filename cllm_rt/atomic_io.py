@@ -38,3 +38,12 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def truncate_jsonl_log(path: str, last_step: int) -> None:
+    """Drop the lines of a JSON-lines log whose ``step`` is past ``last_step`` (a resumed run logs them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(path, "".join(kept))

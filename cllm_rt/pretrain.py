@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write
+from .atomic_io import atomic_write, truncate_jsonl_log
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -102,7 +102,7 @@ def pretrain(model, rows: torch.Tensor, work_dir: str, config: PretrainConfig, *
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        _truncate_log(os.path.join(work_dir, LOG), step)
+        truncate_jsonl_log(os.path.join(work_dir, LOG), step)
     elif os.path.exists(os.path.join(work_dir, LOG)):
         os.remove(os.path.join(work_dir, LOG))
 
@@ -146,15 +146,6 @@ def _row_order(num_rows: int, config: PretrainConfig) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed)
     epochs = [torch.randperm(num_rows, generator=generator) for _ in range(-(-needed // num_rows))]
     return torch.cat(epochs)[:needed]
-
-
-def _truncate_log(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
 
 
 def read_log(work_dir: str) -> list[dict]:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write, atomic_write_text
+from .atomic_io import atomic_write, truncate_jsonl_log
 from .distributed import Processes, torchrun_processes
 from .losses import autoregressive_loss, consistency_loss
 from .trajectory import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
@@ -381,18 +381,9 @@ class _Run:
             if rng["cuda"] is not None and self.processes.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.processes.device)
         if self.processes.is_main:
-            self._truncate_log(state["step"])
+            truncate_jsonl_log(os.path.join(self.out_dir, LOG), state["step"])
         self.processes.barrier()
         return state["step"]
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines of steps after the checkpoint: the resumed run logs them again."""
-        path = os.path.join(self.out_dir, LOG)
-        if not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(kept))
 
     def _save_model(self, module) -> None:
         """Write the trained model as a plain Hugging Face directory (in the source dtype) plus the tokenizer."""
