@@ -155,10 +155,10 @@ def jacobi_step(model, cache: JacobiCache, block: torch.Tensor):
     return greedy, accepted, hidden.isnan().flatten(1).any(1)
 
 
-# The fused LM-head argmax pays off from about 8 rows (B*n) on: measured on the 2-core development CPU at
-# vocab 32k, d=1024, one thread, it was 1.4-4.3x faster than linear + jacobi_verify for 8-128 rows and up
-# to 5x slower for 1-2 rows, where torch's GEMV streams the weight faster. It is not yet measured on GPUs,
-# so CUDA keeps cuBLAS + jacobi_verify.
+# The fused LM-head argmax pays off from about 8 rows (B*n) on: on the 2-core development CPU
+# (benchmarks/bench_head.py, vocab 32k and 128k, d=1024) it was 1.4-4.8x faster than linear + jacobi_verify
+# at 8-128 rows and 0.23-0.9x at one row, where torch's GEMV streams the weight faster. It is not yet
+# measured on GPUs, so CUDA keeps cuBLAS + jacobi_verify.
 FUSED_HEAD_MIN_ROWS = 8
 
 
