@@ -30,7 +30,17 @@ def _nvcc_found():
     return any(os.path.exists(c) for c in candidates) or shutil.which("nvcc") is not None
 
 
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "cllm_rt compiles against the torch you run, and this build environment has none: install torch "
+            "first, then build without isolation: pip install --no-build-isolation -e .") from None
+
+
 def _extensions():
+    _require_torch()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -72,6 +82,7 @@ def _extensions():
 
 
 def _build_ext():
+    _require_torch()
     from torch.utils.cpp_extension import BuildExtension
 
     return BuildExtension.with_options(use_ninja=True)

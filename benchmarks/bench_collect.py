@@ -3,7 +3,7 @@
 The paper's data preparation (Consistency_LLM ``data/generate_trajectory.py``) runs every Jacobi iteration
 as a full forward over ``prompt + answer so far + current block`` with no cache, one prompt at a time.
 cllm_rt keeps the context in a per-row KV cache (one n-token forward per iteration) and decodes several
-prompts per batch. Both share :class:`cllm_rt.trajectory.TrajectoryBuilder` and the seeded guesses, so
+prompts per batch. Both share :class:`cllm_rt.training.collect.TrajectoryBuilder` and the seeded guesses, so
 they must produce identical trajectories (asserted), and the comparison is purely the cost of the forwards.
 
     python benchmarks/bench_collect.py [--model DIR] [--prompts 8] [--json out.json]
@@ -20,7 +20,7 @@ import time
 import torch
 import transformers
 
-from cllm_rt.trajectory import TrajectoryBuilder, decode_trajectories, prompt_seed
+from cllm_rt.training.collect import TrajectoryBuilder, decode_trajectories, prompt_seed
 
 
 @torch.inference_mode()

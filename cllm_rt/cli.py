@@ -1,21 +1,88 @@
-"""The ``cllm-rt`` command: ``collect`` Jacobi trajectories, consistency-``train`` a CLLM, ``generate`` with it.
+"""The ``cllm-rt`` command: ``generate`` with the exact runtime, ``collect`` Jacobi trajectories,
+consistency-``train`` a CLLM, run the end-to-end ``demo``.
 
-Each subcommand parses its options and calls one library function; errors about the user's inputs end the
-command with a one-line message and exit status 2 instead of a traceback. ``collect`` and ``train`` run
-unchanged under ``torchrun --nproc_per_node K`` (see :mod:`cllm_rt.distributed`).
+This module only parses: each subcommand imports its room (runtime, training, demo) when it runs, so
+``cllm-rt --help`` imports neither torch nor any of them. Errors about the user's inputs end the command
+with a one-line message and exit status 2 instead of a traceback. ``collect`` and ``train`` run unchanged
+under ``torchrun --nproc_per_node K`` (see :mod:`cllm_rt.training.distributed`).
+
+Threads: OpenMP's idle threads spin by default, and with as many torch threads as cores any other busy
+process makes every parallel region wait for a descheduled thread (measured on 2 cores: the demo 11x and
+``examples/quickstart.py`` 33x slower). The command therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before
+torch is imported, unless the environment already sets a policy; ``--threads`` sets torch's thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # Errors that describe bad inputs (paths, settings, data); anything else is a bug and keeps its traceback.
 _USER_ERRORS = (ValueError, OSError, NotImplementedError)
+_DTYPES = ["auto", "float32", "bfloat16", "float16", "float64"]
+
+
+def _start_torch(threads: int | None):
+    """Import torch with a wait policy that survives a busy machine; apply ``--threads``."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch
+
+
+def _token_id_option(value: str):
+    """``--eos-token-id``: an id, several ids separated by commas, or ``none`` (never stop at a token)."""
+    if value.lower() == "none":
+        return None
+    try:
+        ids = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids like 2 or 2,32000, or none; got {value!r}") from None
+    return ids if len(ids) > 1 else ids[0]
+
+
+def _special_tokens(args) -> dict:
+    """Only the options the user gave: an absent one falls back on the generation config (as in
+    ``model.generate``), ``none`` disables it."""
+    return {name: getattr(args, name) for name in ("eos_token_id", "pad_token_id")
+            if getattr(args, name, _ABSENT) is not _ABSENT}
+
+
+_ABSENT = object()
+
+
+def _generate(args) -> None:
+    _start_torch(args.threads)
+    from transformers import TextStreamer
+
+    from .models import load_model
+    from .runtime.decoding import generate
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = generate(model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens=args.max_new_tokens,
+                   block_size=args.block_size, seed=args.seed, streamer=streamer,
+                   generation_config=False if args.ignore_generation_config else None, **_special_tokens(args))
+    stats = out.stats
+    new = stats.new_tokens[0]
+    print(f"\n{new} tokens in {stats.wall_seconds:.2f} s: {new / stats.wall_seconds:.1f} tokens/s, "
+          f"{stats.tokens_per_forward:.2f} tokens per forward ({stats.forward_passes} forwards, block size "
+          f"{args.block_size})", file=sys.stderr)
 
 
 def _collect(args) -> None:
-    from .trajectory import CollectSettings, collect_from_files
+    _start_torch(args.threads)
+    from .training.collect import CollectSettings
+    from .training.prompt_file import collect_from_files
 
     template = args.prompt_template
     if template is not None:
@@ -24,15 +91,17 @@ def _collect(args) -> None:
             raise ValueError("--prompt-template must contain {question}")
     settings = CollectSettings(block_size=args.block_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                prompt_template=template, drop_repetitive=args.drop_repetitive,
-                               keep_reference=args.keep_reference, shard_size=args.shard_size)
+                               keep_reference=args.keep_reference, shard_size=args.shard_size,
+                               skip_long_prompts=args.skip_long_prompts)
     manifest = collect_from_files(args.model, args.data, args.out, settings, batch_size=args.batch_size,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, **_special_tokens(args))
     print(f"{manifest['prompts_done']} prompts done ({manifest['prompts_kept']} kept) in "
           f"{len(manifest['shards'])} shards: {args.out}")
 
 
 def _train(args) -> None:
-    from .train import TrainConfig, train
+    _start_torch(args.threads)
+    from .training.train import TrainConfig, train
 
     config = TrainConfig(loss=args.loss, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
@@ -45,33 +114,46 @@ def _train(args) -> None:
               f"ar {last['ar']:.4f}); model saved to {args.out}")
 
 
-def _generate(args) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+def _demo(args) -> None:
+    _start_torch(None)  # the pipeline sets its own thread count
+    from .demo.pipeline import run
 
-    from .decoding import generate
+    run(args.out, quick=args.quick, domains=args.domains, data_dir=args.data_dir, seed=args.seed,
+        threads=args.threads, until=args.until)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    out = generate(model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens=args.max_new_tokens,
-                   block_size=args.block_size, seed=args.seed,
-                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    stats = out.stats
-    new = stats.new_tokens[0]
-    print(f"\n{new} tokens in {stats.wall_seconds:.2f} s: {new / stats.wall_seconds:.1f} tokens/s, "
-          f"{stats.tokens_per_forward:.2f} tokens per forward ({stats.forward_passes} forwards, block size "
-          f"{args.block_size})", file=sys.stderr)
+
+def _add_special_token_options(parser, pad: bool = True) -> None:
+    parser.add_argument("--eos-token-id", type=_token_id_option, default=_ABSENT,
+                        help="stop at this token id (or ids 2,32000; 'none': never); default: the generation config's")
+    if pad:
+        parser.add_argument("--pad-token-id", type=_token_id_option, default=_ABSENT,
+                            help="pad finished rows with this id; default: the generation config's")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cllm-rt", description="Collect Jacobi trajectories, consistency-train "
-                                     "a CLLM (Kou et al. 2024), and generate with Jacobi decoding.")
+    parser = argparse.ArgumentParser(prog="cllm-rt", description="Exact Jacobi decoding for Hugging Face models; "
+                                     "collect Jacobi trajectories and consistency-train a CLLM (Kou et al. 2024).")
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "a Hugging Face model directory (with its tokenizer) or a short name: smollm2-135m-instruct"
+
+    gen = commands.add_parser("generate", help="stream a greedy answer, decoded exactly with Jacobi decoding")
+    gen.add_argument("--model", required=True, help=model_help)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--block-size", type=int, default=16)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the Jacobi guesses (never changes the output)")
+    gen.add_argument("--dtype", default="auto", choices=_DTYPES)
+    gen.add_argument("--device", help="default: cuda when available, else cpu")
+    gen.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="feed the prompt as raw text even when the tokenizer has a chat template")
+    gen.add_argument("--ignore-generation-config", action="store_true",
+                     help="decode the plain argmax even if the model's generation config sets e.g. repetition_penalty")
+    _add_special_token_options(gen)
+    gen.set_defaults(run=_generate)
 
     collect = commands.add_parser("collect", help="collect Jacobi trajectories of a model on a JSON-lines data file")
-    collect.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
+    collect.add_argument("--model", required=True, help=model_help)
     collect.add_argument("--data", required=True, help="JSON lines with a 'prompt' (or 'question') field")
     collect.add_argument("--out", required=True, help="trajectory directory (resumed when it exists)")
     collect.add_argument("--block-size", type=int, required=True, help="Jacobi block size n")
@@ -84,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--drop-repetitive", action="store_true", help="drop answers that loop on a short unit")
     collect.add_argument("--keep-reference", action="store_true",
                          help="store the data's 'answer' field for the AR loss (train --ar-target reference)")
-    collect.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    collect.add_argument("--skip-long-prompts", action="store_true",
+                         help="leave out prompts too long for max_new_tokens within the model's positions "
+                              "(default: refuse them before collecting anything)")
+    collect.add_argument("--dtype", default="auto", choices=_DTYPES)
+    collect.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    _add_special_token_options(collect, pad=False)
     collect.set_defaults(run=_collect)
 
     train = commands.add_parser("train", help="consistency-train a model on collected trajectories")
-    train.add_argument("--model", required=True, help="Hugging Face model directory to start from")
+    train.add_argument("--model", required=True, help="the model the trajectories were collected with "
+                       "(a Hugging Face directory or a short name)")
     train.add_argument("--trajectories", required=True, help="directory written by `cllm-rt collect`")
     train.add_argument("--out", required=True, help="output model directory (a run there is resumed)")
     train.add_argument("--loss", choices=["global", "local"], default="global", help="consistency loss")
@@ -107,19 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")
     train.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     train.set_defaults(run=_train)
 
-    gen = commands.add_parser("generate", help="stream a greedy answer with Jacobi decoding")
-    gen.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--seed", type=int, default=0, help="seed of the Jacobi guesses (never changes the output)")
-    gen.add_argument("--device", help="default: cuda when available, else cpu")
-    gen.set_defaults(run=_generate)
-    from .demo import add_parser as add_demo_parser  # imported here: the demo pulls in its data modules
-
-    add_demo_parser(commands)
+    demo = commands.add_parser("demo", help="the whole pipeline on real data on this CPU: target, trajectories, "
+                               "CLLM, and a table of decoding methods (resumable)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (resumed when it exists)")
+    demo.add_argument("--quick", action="store_true", help="same stages, smaller budget")
+    demo.add_argument("--domains", nargs="+", help="some of: code math sql chat (default: every domain whose data "
+                      "is present)")
+    demo.add_argument("--data-dir", help="folder with gsm8k/ and spider/ (default: ../shared/data from the "
+                      "current directory)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    demo.add_argument("--until", help="stop after this stage (a rerun without it continues)")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -19,8 +19,8 @@ import torch
 import transformers
 
 import cllm_rt
-from cllm_rt.train import TrainConfig, train
-from cllm_rt.trajectory import CollectSettings, Prompt, collect
+from cllm_rt.training.train import TrainConfig, train
+from cllm_rt.training.collect import CollectSettings, Prompt, collect
 from training_fixtures import EOS, byte_tokenizer, save_model, tiny_lm
 
 PROMPTS, PROMPT_LEN, MAX_NEW, BLOCK = 32, 32, 64, 16

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from cllm_rt import datasets
+from cllm_rt.demo import data as datasets
 
 DATA_DIR = datasets.default_data_dir()
 needs_gsm8k = pytest.mark.skipif(datasets.missing_data("math", DATA_DIR) is not None, reason="no ../shared/data/gsm8k")
@@ -136,7 +136,7 @@ def _texts():
 def test_tokenizer_round_trip_and_reload(tmp_path):
     from transformers import AutoTokenizer
 
-    from cllm_rt.tokenizer import train_tokenizer
+    from cllm_rt.demo.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(_texts(), str(tmp_path), vocab_size=320)
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -153,7 +153,7 @@ def test_tokenizer_round_trip_and_reload(tmp_path):
 # ---------------------------------------------------------------- pretraining resume
 
 def test_pretraining_resumes_exactly(tmp_path):
-    from cllm_rt.pretrain import PretrainConfig, pretrain, small_llama
+    from cllm_rt.demo.pretrain import PretrainConfig, pretrain, small_llama
 
     config = PretrainConfig(steps=4, batch_size=2, seq_len=16, warmup=1, save_every=2)
     rows = torch.randint(4, 64, (5, 16), generator=torch.Generator().manual_seed(0))
@@ -194,7 +194,7 @@ TINY = dict(vocab_size=320, tokenizer_chars_per_domain=100_000, hidden_size=32, 
 
 def test_demo_end_to_end_with_resume(tmp_path, capsys):
     from cllm_rt import demo
-    from cllm_rt.evaluate import METHODS
+    from cllm_rt.demo.evaluate import METHODS
 
     _fake_gsm8k(tmp_path / "data")
     budget = dataclasses.replace(demo.FULL, **TINY)

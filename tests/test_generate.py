@@ -68,6 +68,56 @@ def test_eos_from_generation_config():
     assert out.sequences.shape[1] < ids.shape[1] + MAX_NEW
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_eos_given_as_none_disables_the_configs_eos_as_in_hf(arch):
+    """``eos_token_id`` absent: stop at the generation config's EOS; given as None: never stop (HF 5.24)."""
+    model = tiny_model(arch)
+    ids, mask, free_run = _hf_reference(arch, "ragged")
+    model.generation_config.eos_token_id = int(free_run[0, ids.shape[1] + 4])  # a token row 0 emits
+    for spelling in ({}, {"eos_token_id": None}):
+        expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                                  pad_token_id=0, **spelling)
+        out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8, pad_token_id=0, **spelling)
+        torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+        assert (out.sequences.shape[1] < ids.shape[1] + MAX_NEW) == (spelling == {})
+
+
+def test_pad_absent_or_none_as_in_hf():
+    """Absent: the config's pad id (7); None: HF falls back on the EOS. Row 0 ends early, so it is padded."""
+    model = tiny_model("llama")
+    ids, mask, free_run = _hf_reference("llama", "ragged")
+    eos = int(free_run[0, ids.shape[1] + 4])
+    model.generation_config.pad_token_id = 7
+    for spelling, pad in (({}, 7), ({"pad_token_id": None}, eos)):
+        expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                                  eos_token_id=eos, **spelling)
+        out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8, eos_token_id=eos, **spelling)
+        torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+        assert out.sequences[0, -1] == pad
+
+
+def test_greedy_generation_config_decodes_the_plain_argmax():
+    from cllm_rt.runtime.decoding import greedy_generation_config
+
+    model = tiny_model("llama")
+    ids, mask, expected = _hf_reference("llama", "single")
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.7
+    out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8,
+                           generation_config=greedy_generation_config(model.generation_config))
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own config is untouched
+
+
+def test_sampling_config_warns_that_decoding_is_greedy():
+    model = tiny_model("llama")
+    ids, mask, expected = _hf_reference("llama", "single")
+    model.generation_config.do_sample = True
+    with pytest.warns(UserWarning, match="decodes greedily"):
+        out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
 def test_max_new_tokens_one_is_prefill_only():
     ids, mask, _ = _hf_reference("llama", "ragged")
     expected = _model("llama").generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=1,
@@ -155,7 +205,7 @@ def test_rejects_empty_prompt():
         cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("block_size", [0, -3, 2.5])
+@pytest.mark.parametrize("block_size", [0, -3, 2.5, True])
 def test_rejects_bad_block_size(block_size):
     ids, mask = random_prompts(1, [3])
     with pytest.raises(ValueError, match="block_size"):
@@ -184,6 +234,15 @@ def test_rejects_right_padding_and_bad_shapes():
         cllm_rt.generate(_model("llama"), ids.float(), max_new_tokens=4)
     with pytest.raises(ValueError, match="attention_mask shape"):
         cllm_rt.generate(_model("llama"), ids, mask[:, 1:], max_new_tokens=4)
+
+
+def test_rejects_lists_and_token_ids_outside_the_vocabulary():
+    with pytest.raises(TypeError, match="torch.LongTensor"):
+        cllm_rt.generate(_model("llama"), [[1, 2, 3]], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 101\).*\[1, 101\]"):
+        cllm_rt.generate(_model("llama"), torch.tensor([[1, 101, 3]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        cllm_rt.generate(_model("llama"), torch.tensor([[1, -1, 3]]), max_new_tokens=4)
 
 
 def test_rejects_unsupported_architecture():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cllm_rt.losses import autoregressive_loss, consistency_loss, counted_positions
+from cllm_rt.training.losses import autoregressive_loss, consistency_loss, counted_positions
 
 
 def test_counted_positions_skip_the_converged_prefix_and_past_eos():

@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 
-from cllm_rt import trajectory
+from cllm_rt.training import storage
 from cllm_rt.cli import main as cli_main
-from cllm_rt.trajectory import (CollectSettings, Prompt, collect, decode_trajectories, is_repetitive,
-                                load_trajectories, prompt_seed, read_prompt_file)
+from cllm_rt.training.collect import CollectSettings, Prompt, collect, decode_trajectories, is_repetitive, prompt_seed
+from cllm_rt.training.prompt_file import read_prompt_file
+from cllm_rt.training.storage import load_trajectories
 from tiny_models import random_prompts, tiny_model
 from training_fixtures import EOS, byte_tokenizer, files_in, save_model, tiny_lm, write_jsonl
 
@@ -126,7 +127,7 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path, byt
     prompts = _prompts()
     collect(byte_model, prompts, str(tmp_path / "whole"), SETTINGS, batch_size=2, progress=False)
 
-    write_shard = trajectory._write_shard
+    write_shard = storage.write_shard
     calls = []
 
     def crash_after_two(*args, **kwargs):
@@ -135,12 +136,12 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(tmp_path, byt
         calls.append(args[1])
         write_shard(*args, **kwargs)
 
-    monkeypatch.setattr(trajectory, "_write_shard", crash_after_two)
+    monkeypatch.setattr(storage, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         collect(byte_model, prompts, str(tmp_path / "cut"), SETTINGS, batch_size=2, progress=False)
-    partial = trajectory._read_manifest(str(tmp_path / "cut"))
+    partial = storage.read_manifest(str(tmp_path / "cut"))
     assert partial["prompts_done"] == 6 and not partial["complete"]
-    monkeypatch.setattr(trajectory, "_write_shard", write_shard)
+    monkeypatch.setattr(storage, "write_shard", write_shard)
     # the rerun may batch differently: trajectories depend on the seed and the prompt index only
     manifest = collect(byte_model, prompts, str(tmp_path / "cut"), SETTINGS, batch_size=3, progress=False)
     assert manifest["complete"] and manifest["prompts_done"] == 10
@@ -206,6 +207,38 @@ def test_read_prompt_file(tmp_path):
 def test_bad_data_files_fail_clearly(tmp_path, rows, options, message):
     with pytest.raises(ValueError, match=message):
         read_prompt_file(write_jsonl(tmp_path / "d.jsonl", rows), **options)
+
+
+def test_long_prompts_are_refused_before_anything_is_written_or_skipped(tmp_path):
+    model = tiny_lm(eos_token_id=EOS, dtype=torch.float64, max_position_embeddings=40)
+    prompts = [Prompt(list(range(3, 3 + length))) for length in (5, 30, 8, 25)]  # 1 and 3 leave no room
+    settings = CollectSettings(block_size=4, max_new_tokens=12, shard_size=1)
+    # 12 new tokens in blocks of 4 decode 1 + 3 x 4 = 13 positions: 25 + 13 = 38 fits, 30 + 13 = 43 does not
+    with pytest.raises(ValueError, match=r"1 of 4 prompts .* prompt 1 has 30 tokens.*needs 13 more positions.*"
+                                         r"max_position_embeddings=40.*--skip-long-prompts"):
+        collect(model, prompts, str(tmp_path / "t"), settings, progress=False)
+    assert not os.path.exists(tmp_path / "t")
+    skipping = dataclasses.replace(settings, skip_long_prompts=True)
+    manifest = collect(model, prompts, str(tmp_path / "t"), skipping, progress=False)
+    assert manifest["complete"] and manifest["prompts_done"] == 4 and manifest["prompts_kept"] == 3
+    assert [p.index for p in load_trajectories(str(tmp_path / "t")).prompts] == [0, 2, 3]
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid UTF-8"):
+        read_prompt_file(str(path))
+
+
+def test_eos_none_collects_past_the_configs_eos(tmp_path, byte_model):
+    prompts = _prompts(count=3)
+    settings = CollectSettings(block_size=4, max_new_tokens=17, shard_size=3)
+    stopped = collect(byte_model, prompts, str(tmp_path / "a"), settings, progress=False)
+    free = collect(byte_model, prompts, str(tmp_path / "b"), settings, eos_token_id=None, progress=False)
+    assert stopped["settings"]["eos_token_ids"] == [EOS] and free["settings"]["eos_token_ids"] == []
+    answers = [len(p.answer) for p in load_trajectories(str(tmp_path / "b")).prompts]
+    assert answers == [17, 17, 17]
 
 
 def test_bad_json_names_the_line(tmp_path):

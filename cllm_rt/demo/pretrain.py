@@ -1,6 +1,6 @@
 """Train a small causal LM from scratch on packed text: the demo's target model.
 
-:mod:`cllm_rt.train` trains on Jacobi trajectories (a consistency loss needs a block and its fixed point),
+:mod:`cllm_rt.training.train` trains on Jacobi trajectories (a consistency loss needs a block and its fixed point),
 so a plain next-token objective over raw documents lives here: documents (``<s> text </s>``) are packed
 back to back into rows of ``seq_len`` tokens (GPT-2 style: attention crosses document boundaries, ``<s>``
 marks each start), and each step takes the next ``batch_size`` rows of a fixed, seeded row order.
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write, truncate_jsonl_log
+from ..atomic_io import atomic_write, truncate_jsonl_log
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"

@@ -13,7 +13,7 @@ shuffled order, so load from other processes on a shared machine slows all metho
 ``tokens_per_forward`` = new tokens / model forwards *including the prefill* (the same count for every
 method; HF's forwards are counted with a forward hook, cllm_rt's from its stats), so autoregressive
 decoding reads exactly 1.0. Quality is measured against the target's greedy output (agreement) and
-against the data's reference (accuracy), see :func:`cllm_rt.datasets.quality`.
+against the data's reference (accuracy), see :func:`cllm_rt.data.quality`.
 
 Per-run records are appended to ``runs.jsonl`` as they finish: an interrupted evaluation resumes.
 """
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import datasets
-from .atomic_io import atomic_write_text
-from .decoding import generate as cllm_generate
+from . import data
+from ..atomic_io import atomic_write_text
+from ..runtime.decoding import generate as cllm_generate
 
 METHODS = ("target+hf", "target+ar", "target+jacobi", "target+lookup", "cllm+ar", "cllm+jacobi")
 BASELINE = "target+hf"
@@ -89,7 +89,7 @@ def run_method(method: str, models: dict, input_ids: torch.Tensor, max_new_token
     return record
 
 
-def evaluate(models: dict, tokenizer, examples: dict[str, list[datasets.Example]], max_new_tokens: dict[str, int],
+def evaluate(models: dict, tokenizer, examples: dict[str, list[data.Example]], max_new_tokens: dict[str, int],
              out_dir: str, settings: EvalSettings = EvalSettings(), methods=METHODS, progress: bool = True) -> list[dict]:
     """Run every method on every example (resuming ``out_dir/runs.jsonl``); return all run records."""
     os.makedirs(out_dir, exist_ok=True)
@@ -134,7 +134,7 @@ def evaluate(models: dict, tokenizer, examples: dict[str, list[datasets.Example]
     return [done[(d, i, m)] for d, i, _ in jobs for m in methods]
 
 
-def summarize(records: list[dict], tokenizer, examples: dict[str, list[datasets.Example]]) -> list[dict]:
+def summarize(records: list[dict], tokenizer, examples: dict[str, list[data.Example]]) -> list[dict]:
     """One table row per (method, domain): speed, tokens per forward, quality, loop share."""
     by_key = {(r["domain"], r["index"], r["method"]): r for r in records}
     rows = []
@@ -150,7 +150,7 @@ def summarize(records: list[dict], tokenizer, examples: dict[str, list[datasets.
             base_rate = sum(len(r["tokens"]) for r in baseline) / sum(r["seconds"] for r in baseline)
             quality: dict[str, list[float]] = {}
             for ex, run, ref in zip(exs, runs, reference):
-                q = datasets.quality(domain, _text(tokenizer, run["tokens"]), _text(tokenizer, ref["tokens"]),
+                q = data.quality(domain, _text(tokenizer, run["tokens"]), _text(tokenizer, ref["tokens"]),
                                      ex.reference, run["tokens"], ref["tokens"])
                 for k, v in q.items():
                     quality.setdefault(k, []).append(v)
@@ -161,14 +161,14 @@ def summarize(records: list[dict], tokenizer, examples: dict[str, list[datasets.
                              for k in range(width)]
             # Jacobi runs through a looping output at up to a block per forward, so a looping target looks
             # fast for the wrong reason: report tokens per forward over the non-looping outputs beside it.
-            clean = [r for r in runs if not datasets.loops(r["tokens"])]
+            clean = [r for r in runs if not data.loops(r["tokens"])]
             rows.append({
                 "method": method, "domain": domain, "prompts": len(exs), "new_tokens": tokens,
                 "tokens_per_forward": tokens / sum(r["forwards"] for r in runs),
                 "non_loop_tokens_per_forward": (sum(len(r["tokens"]) for r in clean) /
                                                 sum(r["forwards"] for r in clean)) if clean else None,
                 "tokens_per_second": tokens / seconds, "speedup": tokens / seconds / base_rate,
-                "loop_share": sum(datasets.loops(r["tokens"]) for r in runs) / len(runs),
+                "loop_share": sum(data.loops(r["tokens"]) for r in runs) / len(runs),
                 "eos_share": sum(bool(r["tokens"]) and r["tokens"][-1] == tokenizer.eos_token_id for r in runs) / len(runs),
                 **{k: sum(v) / len(v) for k, v in quality.items()},
                 **({"accepted_histogram": histogram} if histogram else {}),

@@ -16,7 +16,7 @@ import contextlib
 import torch
 from transformers import AttentionInterface
 
-from . import ops
+from .. import ops
 
 ATTN_IMPLEMENTATION = "cllm_rt"
 CACHE_LENGTHS_KWARG = "cllm_rt_cache_lengths"
@@ -39,7 +39,7 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _block_attention_forward)
 
 @contextlib.contextmanager
 def jacobi_attention(model: torch.nn.Module):
-    """Run ``model`` with block attention over a :class:`~cllm_rt.cache.JacobiCache`, then restore it."""
+    """Run ``model`` with block attention over a :class:`~cllm_rt.runtime.cache.JacobiCache`, then restore it."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     try:

@@ -63,8 +63,9 @@ class DomainData:
 # ---------------------------------------------------------------- where the data lives
 
 def default_data_dir() -> str:
-    """``../shared/data`` relative to the repository root (the project's convention)."""
-    return os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    """``../shared/data`` relative to the current directory (the project's convention: commands run from the
+    repository root). Not relative to this file: a non-editable install lives in site-packages."""
+    return os.path.abspath(os.path.join("..", "shared", "data"))
 
 
 def _package_file(package: str, *parts: str) -> str | None:

@@ -1,8 +1,8 @@
 """Consistency training of a CLLM from collected Jacobi trajectories (Kou et al. 2024, Algorithm 1).
 
-Each training sample is one block of one prompt (:class:`cllm_rt.trajectory.BlockTrajectory`); a step
+Each training sample is one block of one prompt (:class:`cllm_rt.training.storage.BlockTrajectory`); a step
 draws a point ``y^(j)`` (j uniform over all but the fixed point) and minimises
-``consistency + ar_weight * AR`` (:mod:`cllm_rt.losses`) with the trained model itself as the
+``consistency + ar_weight * AR`` (:mod:`cllm_rt.training.losses`) with the trained model itself as the
 stop-gradient target, as in the paper. One micro-batch costs two forwards: a no-grad one over the targets
 (``context + y*`` for global consistency, ``context + y^(j+1)`` for local) and one with gradients over the
 points and the AR sequences (``prompt + answer``) batched together. Logits are computed only at the
@@ -35,10 +35,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write, truncate_jsonl_log
+from ..atomic_io import atomic_write, truncate_jsonl_log
+from ..models import resolve_model
 from .distributed import Processes, torchrun_processes
 from .losses import autoregressive_loss, consistency_loss
-from .trajectory import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
+from .storage import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -182,22 +183,24 @@ def micro_batch_loss(model, samples: list[Sample], points: list[int], config: Tr
 
 # ---------------------------------------------------------------- the run
 
-def train(model_dir: str, trajectories_dir: str, out_dir: str, config: TrainConfig = TrainConfig(), *,
+def train(model: str, trajectories_dir: str, out_dir: str, config: TrainConfig = TrainConfig(), *,
           progress: bool = True, device: str | None = None) -> dict:
-    """Consistency-train ``model_dir`` on ``trajectories_dir`` into ``out_dir``; resumes a run found there.
+    """Consistency-train ``model`` (a Hugging Face directory or a short name, :func:`cllm_rt.models.resolve_model`)
+    on ``trajectories_dir`` into ``out_dir``; resumes a run found there.
 
     Under torchrun every process runs this with the same arguments (DDP, or FSDP with ``config.fsdp``).
     Returns the last log entry (on the main process; {} on the others).
     """
     config.validate()
     with torchrun_processes(device) as processes:
-        return _Run(model_dir, trajectories_dir, out_dir, config, processes, progress).run()
+        return _Run(model, trajectories_dir, out_dir, config, processes, progress).run()
 
 
 class _Run:
     def __init__(self, model_dir, trajectories_dir, out_dir, config: TrainConfig, processes: Processes, progress):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        model_dir = str(resolve_model(model_dir))
         self.config, self.processes, self.out_dir, self.model_dir = config, processes, out_dir, model_dir
         self.progress = progress and processes.is_main
         trajectories = load_trajectories(trajectories_dir)
@@ -223,10 +226,16 @@ class _Run:
         self.order = DataOrder(len(self.samples), config.seed)
 
     def _check_compatible(self, trajectories, trajectories_dir) -> None:
-        collected = trajectories.manifest["model"]["vocab_size"]
-        if collected != self.lm.config.vocab_size:
-            raise ValueError(f"{trajectories_dir} was collected with a vocabulary of {collected} tokens but "
-                             f"{self.model_dir} has {self.lm.config.vocab_size}: trajectories of another model")
+        collected = trajectories.manifest["model"]
+        if collected["vocab_size"] != self.lm.config.vocab_size:
+            raise ValueError(f"{trajectories_dir} was collected with a vocabulary of {collected['vocab_size']} "
+                             f"tokens but {self.model_dir} has {self.lm.config.vocab_size}: trajectories of another model")
+        # compared at the collection's precision: training loads the same weights in float32
+        fingerprint = model_fingerprint(self.lm, getattr(torch, collected.get("dtype", "float32")))
+        if fingerprint["sha256"] != collected["sha256"]:
+            raise ValueError(f"{trajectories_dir} was collected with another model (fingerprint "
+                             f"{collected['sha256'][:16]}) than {self.model_dir} ({fingerprint['sha256'][:16]}): "
+                             "train the model that collected them")
         recorded = trajectories.manifest.get("tokenizer")
         tokenizer = _load_tokenizer(self.model_dir)
         if recorded is not None and tokenizer is not None and tokenizer_fingerprint(tokenizer) != recorded:

@@ -1,12 +1,12 @@
 """``cllm-rt demo``: the whole mission on real data on a CPU, in resumable stages.
 
-  1. data       load the domains (:mod:`cllm_rt.datasets`), split them, write ``DIR/data/<domain>/``
-  2. tokenizer  train SentencePiece on training text, wrap it for Hugging Face (:mod:`cllm_rt.tokenizer`)
-  3. pretrain   train a small ``LlamaForCausalLM`` from scratch (:mod:`cllm_rt.pretrain`) → ``DIR/target``;
+  1. data       load the domains (:mod:`cllm_rt.demo.data`), split them, write ``DIR/data/<domain>/``
+  2. tokenizer  train SentencePiece on training text, wrap it for Hugging Face (:mod:`cllm_rt.demo.tokenizer`)
+  3. pretrain   train a small ``LlamaForCausalLM`` from scratch (:mod:`cllm_rt.demo.pretrain`) → ``DIR/target``;
                 report its held-out loss and a greedy sample per domain
-  4. collect    Jacobi trajectories of the target on training prompts (:func:`cllm_rt.trajectory.collect`)
-  5. train      consistency-train the CLLM (:func:`cllm_rt.train.train`) → ``DIR/cllm``
-  6. evaluate   six decoding methods on held-out prompts (:mod:`cllm_rt.evaluate`) → ``DIR/results.json``,
+  4. collect    Jacobi trajectories of the target on training prompts (:func:`cllm_rt.training.collect.collect`)
+  5. train      consistency-train the CLLM (:func:`cllm_rt.training.train.train`) → ``DIR/cllm``
+  6. evaluate   six decoding methods on held-out prompts (:mod:`cllm_rt.demo.evaluate`) → ``DIR/results.json``,
                 ``DIR/speedup.png``, ``DIR/tokens_per_forward.png`` and the table on stdout
 
 Every stage records its settings in ``DIR/stages.json`` when it finishes and is skipped on a rerun; the
@@ -18,7 +18,6 @@ instead of mixing two runs: use another ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import datasets
+from . import data
 
 STAGES = ("data", "tokenizer", "pretrain", "collect", "train", "evaluate")
 DEFAULT_OUT = "runs/demo"
@@ -63,7 +62,7 @@ class Budget:
     collect_max_new_tokens: int = 160
     collect_batch: int = 16
     drop_repetitive: bool = True  # answers that loop teach consistency training nothing but the loop
-    # consistency training (cllm_rt.train.TrainConfig)
+    # consistency training (cllm_rt.training.train.TrainConfig)
     train_steps: int = 400
     train_batch: int = 8
     train_lr: float = 5e-4
@@ -123,7 +122,7 @@ class Pipeline:
                              "rerun with the same options to resume, or choose another --out")
 
     def _mark_done(self, stage: str, seconds: float, info: dict | None = None) -> None:
-        from .atomic_io import atomic_write_json
+        from ..atomic_io import atomic_write_json
 
         stages = self._stages()
         stages["_settings"] = self.settings()
@@ -161,20 +160,20 @@ class Pipeline:
     def stage_data(self) -> dict:
         summary = {}
         for domain in self.domains:
-            data = datasets.load_domain(domain, self.data_dir, self.seed)
+            loaded = data.load_domain(domain, self.data_dir, self.seed)
             folder = self.path("data", domain)
             os.makedirs(folder, exist_ok=True)
-            train = data.train
+            train = loaded.train
             random.Random(f"{self.seed}:{domain}:train-order").shuffle(train)
             train = train[:self.budget.get("collect_prompts", domain)]
-            evaluation = data.eval[:self.budget.get("eval_prompts", domain)]
-            _write_jsonl(os.path.join(folder, "documents.jsonl"), [{"text": t} for t in data.documents])
-            _write_jsonl(os.path.join(folder, "train.jsonl"), [datasets.example_to_dict(e) for e in train])
-            _write_jsonl(os.path.join(folder, "eval.jsonl"), [datasets.example_to_dict(e) for e in evaluation])
-            summary[domain] = data.summary()
-            print(f"  {domain}: {len(data.documents)} documents ({summary[domain]['document_chars'] / 1e6:.1f} M "
+            evaluation = loaded.eval[:self.budget.get("eval_prompts", domain)]
+            _write_jsonl(os.path.join(folder, "documents.jsonl"), [{"text": t} for t in loaded.documents])
+            _write_jsonl(os.path.join(folder, "train.jsonl"), [data.example_to_dict(e) for e in train])
+            _write_jsonl(os.path.join(folder, "eval.jsonl"), [data.example_to_dict(e) for e in evaluation])
+            summary[domain] = loaded.summary()
+            print(f"  {domain}: {len(loaded.documents)} documents ({summary[domain]['document_chars'] / 1e6:.1f} M "
                   f"chars), {len(train)} trajectory prompts, {len(evaluation)} held-out prompts")
-        from .atomic_io import atomic_write_json
+        from ..atomic_io import atomic_write_json
 
         atomic_write_json(self.path("data", "splits.json"), summary)
         return {}
@@ -182,8 +181,8 @@ class Pipeline:
     def documents(self, domain: str) -> list[str]:
         return [r["text"] for r in _read_jsonl(self.path("data", domain, "documents.jsonl"))]
 
-    def examples(self, domain: str, split: str) -> list[datasets.Example]:
-        return [datasets.example_from_dict(r) for r in _read_jsonl(self.path("data", domain, f"{split}.jsonl"))]
+    def examples(self, domain: str, split: str) -> list[data.Example]:
+        return [data.example_from_dict(r) for r in _read_jsonl(self.path("data", domain, f"{split}.jsonl"))]
 
     # ------------------------------------------------------------ 2. tokenizer
 
@@ -266,7 +265,7 @@ class Pipeline:
             return self._target_report(model, tokenizer)
 
     def _target_report(self, model, tokenizer) -> dict:
-        from .decoding import generate
+        from ..runtime.decoding import generate
 
         report = {}
         model.eval()
@@ -294,7 +293,7 @@ class Pipeline:
     def stage_collect(self) -> dict:
         from transformers import AutoModelForCausalLM
 
-        from .trajectory import CollectSettings, Prompt, collect
+        from ..training.collect import CollectSettings, Prompt, collect
 
         b = self.budget
         tokenizer = self.tokenizer_of("target")
@@ -319,7 +318,7 @@ class Pipeline:
     # ------------------------------------------------------------ 5. train
 
     def stage_train(self) -> dict:
-        from .train import TrainConfig, train
+        from ..training.train import TrainConfig, train
 
         b = self.budget
         config = TrainConfig(loss=b.loss, max_steps=b.train_steps, lr=b.train_lr, batch_size=b.train_batch,
@@ -354,7 +353,7 @@ class Pipeline:
                    "versions": versions(), "seeds": {"seed": self.seed, "jacobi_guesses": self.seed},
                    "settings": self.settings(), "stage_seconds": {**self.timings}, "stages": self._stages(),
                    "max_new_tokens": budgets, "block_size": b.block_size}
-        from .atomic_io import atomic_write_json
+        from ..atomic_io import atomic_write_json
 
         atomic_write_json(self.path("results.json"), results)
         written = evaluate.plot(rows, self.out)
@@ -412,7 +411,7 @@ def machine_info(threads: int) -> dict:
 def versions() -> dict:
     import transformers
 
-    from . import __version__, ops
+    from .. import __version__, ops
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
            "cllm_rt": __version__, "native_ops": ops.native_available()}
@@ -438,7 +437,7 @@ def _indent(text: str, prefix: str = "    | ") -> str:
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    from .atomic_io import atomic_write_text
+    from ..atomic_io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -450,44 +449,24 @@ def _read_jsonl(path: str) -> list[dict]:
 
 # ---------------------------------------------------------------- command line
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    demo = subparsers.add_parser("demo", help="train a target and a CLLM on real data on this CPU and compare "
-                                 "decoding methods (resumable)")
-    demo.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (resumed when it exists; default {DEFAULT_OUT})")
-    demo.add_argument("--quick", action="store_true", help="same stages, smaller budget")
-    demo.add_argument("--domains", nargs="+", choices=datasets.DOMAINS,
-                      help="domains to run (default: every domain whose data is present)")
-    demo.add_argument("--data-dir", help="folder with gsm8k/ and spider/ (default: ../shared/data from the repo root)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    demo.add_argument("--until", choices=STAGES, help="stop after this stage (a rerun without it continues)")
-    demo.set_defaults(run=run)
-    return demo
-
-
-def run(args) -> None:
-    data_dir = args.data_dir or datasets.default_data_dir()
-    if args.domains:
-        missing = {d: datasets.missing_data(d, data_dir) for d in args.domains}
+def run(out: str = DEFAULT_OUT, *, quick: bool = False, domains: list[str] | None = None,
+        data_dir: str | None = None, seed: int = 0, threads: int = 2, until: str | None = None) -> None:
+    """``cllm-rt demo``: run (or resume) the pipeline in ``out``; domains default to every one whose data is here."""
+    data_dir = data_dir or data.default_data_dir()
+    unknown = sorted(set(domains or []) - set(data.DOMAINS))
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}; choose from {list(data.DOMAINS)}")
+    if until is not None and until not in STAGES:
+        raise ValueError(f"--until must be one of {list(STAGES)}, got {until!r}")
+    if domains:
+        missing = {d: data.missing_data(d, data_dir) for d in domains}
         missing = {d: why for d, why in missing.items() if why}
         if missing:
             raise FileNotFoundError("; ".join(f"domain {d}: {why}" for d, why in missing.items()))
-        domains = list(dict.fromkeys(args.domains))
+        domains = list(dict.fromkeys(domains))
     else:
-        domains = datasets.available_domains(data_dir)
-        for d in datasets.DOMAINS:
+        domains = data.available_domains(data_dir)
+        for d in data.DOMAINS:
             if d not in domains:
-                print(f"skipping domain {d}: {datasets.missing_data(d, data_dir)}")
-    Pipeline(args.out, domains, data_dir, QUICK if args.quick else FULL, args.seed, args.threads).run(args.until)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m cllm_rt.demo``: the same command before it is wired into ``cllm-rt``."""
-    parser = argparse.ArgumentParser(prog="cllm-rt")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
-    args.run(args)
-
-
-if __name__ == "__main__":
-    main()
+                print(f"skipping domain {d}: {data.missing_data(d, data_dir)}")
+    Pipeline(out, domains, data_dir, QUICK if quick else FULL, seed, threads).run(until)

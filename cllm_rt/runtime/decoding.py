@@ -17,12 +17,14 @@ counts and greedy tokens travel to the host together for streaming, EOS and budg
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from .. import ops
 from .attention import CACHE_LENGTHS_KWARG, jacobi_attention
 from .cache import JacobiCache
 
@@ -71,20 +73,52 @@ def check_model(model: torch.nn.Module) -> None:
         raise NotImplementedError(f"the model's output head must be a plain nn.Linear, got {type(head).__name__}")
 
 
-def resolve_special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
-    """Fall back on model.generation_config exactly as ``model.generate`` does."""
-    config = model.generation_config
+class _NotGiven:
+    """Default of ``eos_token_id``/``pad_token_id``: "not given" falls back on the generation config, while an
+    explicit ``None`` disables it, exactly as in ``model.generate``."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = _NotGiven()
+
+# Sampling settings that model.generate would honour; cllm_rt always decodes greedily.
+_SAMPLING_FIELDS = ("do_sample", "num_beams")
+
+
+def greedy_generation_config(config):
+    """A copy of ``config`` with every logits processor at its neutral value and sampling off: what
+    ``--ignore-generation-config`` decodes (the plain argmax, stopping at the config's EOS)."""
+    greedy = copy.deepcopy(config)
+    for name, neutral in _LOGITS_PROCESSOR_FIELDS.items():
+        setattr(greedy, name, neutral)
+    greedy.do_sample, greedy.num_beams = False, 1
+    return greedy
+
+
+def resolve_special_tokens(model, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN,
+                           generation_config=None) -> tuple[list[int], int | None]:
+    """EOS ids and pad id as ``model.generate`` resolves them: given values win (``None`` meaning "none"),
+    absent ones come from ``generation_config`` (default: the model's)."""
+    config = model.generation_config if generation_config is None else generation_config
     for name, neutral in _LOGITS_PROCESSOR_FIELDS.items():
         value = getattr(config, name, neutral)
         if value not in (neutral, None, [], 0):
             raise NotImplementedError(f"generation_config.{name}={value!r} changes greedy decoding; cllm_rt "
-                                      "decodes the plain argmax (set it to its neutral value)")
-    if eos_token_id is None:
+                                      "decodes the plain argmax (pass generation_config="
+                                      "greedy_generation_config(model.generation_config), or "
+                                      "--ignore-generation-config on the command line)")
+    if getattr(config, "do_sample", False) or getattr(config, "num_beams", 1) not in (None, 1):
+        warnings.warn(f"the generation config asks for do_sample={config.do_sample}, num_beams={config.num_beams}; "
+                      "cllm_rt decodes greedily, as model.generate(do_sample=False, num_beams=1) would",
+                      UserWarning, stacklevel=3)
+    if eos_token_id is NOT_GIVEN:
         eos_token_id = config.eos_token_id
     eos = [] if eos_token_id is None else [int(t) for t in (
         eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else
         eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
-    if pad_token_id is None:
+    if pad_token_id is NOT_GIVEN:
         pad_token_id = config.pad_token_id
     if pad_token_id is None and eos:
         pad_token_id = eos[0]  # what generate does, with a warning
@@ -96,8 +130,11 @@ def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
 
     The cache stores each row from position 0 with no padding, so rows differ only in their lengths.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be a [batch, length] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.LongTensor [batch, length], got {type(input_ids).__name__} "
+                        "(e.g. torch.tensor([[1, 2, 3]]))")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be a [batch, length] tensor, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     batch, length = input_ids.shape
@@ -105,6 +142,8 @@ def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         return input_ids.long(), torch.full((batch,), length, dtype=torch.int64, device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     mask = attention_mask.to(torch.bool)
@@ -118,6 +157,14 @@ def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     # roll each row left by its padding so real tokens start at position 0
     source = (positions[None, :] + (length - lengths)[:, None]) % length
     return input_ids.long().gather(1, source), lengths.long()
+
+
+def check_token_ids(model, input_ids: torch.Tensor) -> None:
+    """Refuse ids the embedding has no row for (torch would raise an IndexError from deep inside the model)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) for this model, got values in [{low}, {high}]")
 
 
 def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -212,22 +259,24 @@ def check_positions(model, longest_prompt: int, max_new_tokens: int) -> None:
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-             block_size: int = 16, eos_token_id=None, pad_token_id=None, streamer=None,
-             seed: int = 0) -> GenerationOutput:
+             block_size: int = 16, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN, generation_config=None,
+             streamer=None, seed: int = 0) -> GenerationOutput:
     """Greedy generation by Jacobi decoding; ``sequences`` equals ``model.generate(..., do_sample=False)``.
 
     ``block_size=1`` is plain autoregressive decoding in the same runtime. Batches are left-padded as for
     ``model.generate``; each row finishes on its own (EOS or ``max_new_tokens``) and leaves the batch.
+    ``eos_token_id``/``pad_token_id`` not given fall back on ``generation_config`` (default: the model's);
+    given as ``None`` they are off, as in ``model.generate``.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    for name, value in (("block_size", block_size), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     check_model(model)
-    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id)
+    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config)
     device = model.get_output_embeddings().weight.device
-    input_ids = input_ids.to(device)
-    tokens, lengths = unpad_prompts(input_ids, None if attention_mask is None else attention_mask.to(device))
+    tokens, lengths = unpad_prompts(input_ids, attention_mask)
+    check_token_ids(model, input_ids)
+    input_ids, tokens, lengths = input_ids.to(device), tokens.to(device), lengths.to(device)
     batch = tokens.shape[0]
     if streamer is not None and batch != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")

@@ -7,7 +7,7 @@ the rejected tail is *not* erased, it is simply past ``lengths`` and gets overwr
 rollback is O(1) bookkeeping (the same trick as gpt-fast's static cache).
 
 The cache implements transformers' ``Cache`` interface, so unmodified Hugging Face attention layers call
-``cache.update(k, v, layer_idx)``; the attention function registered in :mod:`cllm_rt.attention` then runs
+``cache.update(k, v, layer_idx)``; the attention function registered in :mod:`cllm_rt.runtime.attention` then runs
 ``block_attention`` over the returned buffers with ``lengths`` as the per-row causal offsets.
 """
 
