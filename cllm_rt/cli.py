@@ -57,13 +57,15 @@ _ABSENT = object()
 
 
 def _generate(args) -> None:
-    _start_torch(args.threads)
+    torch = _start_torch(args.threads)
     from transformers import TextStreamer
 
     from .models import load_model
     from .runtime.decoding import generate
+    from .runtime.inputs import greedy_generation_config
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
@@ -71,7 +73,8 @@ def _generate(args) -> None:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = generate(model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens=args.max_new_tokens,
                    block_size=args.block_size, seed=args.seed, streamer=streamer,
-                   generation_config=False if args.ignore_generation_config else None, **_special_tokens(args))
+                   generation_config=greedy_generation_config(model.generation_config)
+                   if args.ignore_generation_config else None, **_special_tokens(args))
     stats = out.stats
     new = stats.new_tokens[0]
     print(f"\n{new} tokens in {stats.wall_seconds:.2f} s: {new / stats.wall_seconds:.1f} tokens/s, "
