@@ -1,6 +1,6 @@
 """The decoding head two ways: LM-head linear + jacobi_verify (logits materialized) vs the fused
 lm_head_argmax + accepted_length, at 32k and 128k vocabularies (the choice behind
-cllm_rt.runtime.decoding.FUSED_HEAD_MIN_ROWS).
+cllm_rt.ops.FUSED_HEAD_MIN_ROWS).
 
     python benchmarks/bench_head.py [--threads 2] [--json PATH]
 """

@@ -10,8 +10,11 @@ torch.set_num_threads(--threads), default 2 (the cores of the development
 machine); --clock process times CPU work instead of latency, which other load
 on a shared machine barely disturbs (with --threads 1 it is the single-core
 latency). CUDA cases time with events after synchronizing.
-block_attention is also compared with scaled_dot_product_attention given an explicit
-boolean mask and K/V heads repeated to Hq (what a model without a GQA-aware kernel does).
+block_attention and tree_attention are also compared with scaled_dot_product_attention
+given an explicit boolean mask and K/V heads repeated to Hq (what a model without a
+GQA-aware kernel does); block_attention's mask is built inside the timing, a tree's
+outside (a model builds it once per step and reuses it in every layer). Trees are random
+(each node extends its predecessor or hangs off an earlier node), n = 64 nodes.
 """
 import argparse
 import json
@@ -58,16 +61,40 @@ def compare(variants, device, warmup, rounds, clock="wall"):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def sdpa_repeated_kv(q, k_cache, v_cache, cache_lens):
-    """SDPA over the filled cache with K/V heads repeated and an explicit boolean mask."""
-    B, Hq, n, D = q.shape
-    L = int(cache_lens.max()) + n
-    group = Hq // k_cache.shape[1]
+def sdpa_repeated_kv(q, k_cache, v_cache, visible):
+    """SDPA over the first L = visible.shape[-1] cache positions with K/V heads repeated and
+    the explicit boolean mask visible [B, n, L]."""
+    L = visible.shape[-1]
+    group = q.shape[1] // k_cache.shape[1]
     k = k_cache[:, :, :L].repeat_interleave(group, dim=1)
     v = v_cache[:, :, :L].repeat_interleave(group, dim=1)
-    last = cache_lens.view(B, 1, 1, 1) + torch.arange(n, device=q.device).view(1, 1, n, 1)
-    mask = torch.arange(L, device=q.device) <= last  # [B, 1, n, L]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+
+
+def causal_mask(cache_lens, n):
+    """[B, n, L]: query i of row b sees positions 0 .. cache_lens[b] + i; L = max + n."""
+    L = int(cache_lens.max()) + n
+    last = cache_lens.view(-1, 1, 1) + torch.arange(n, device=cache_lens.device).view(1, n, 1)
+    return torch.arange(L, device=cache_lens.device) <= last
+
+
+def tree_mask(cache_lens, parents):
+    """[B, n, L]: node i sees the cache and the block positions of itself and its ancestors."""
+    B, n = parents.shape
+    L = int(cache_lens.max()) + n
+    positions = torch.arange(L, device=parents.device)
+    visible = (positions < cache_lens.view(B, 1, 1)).expand(B, n, L).clone()
+    block = cache_lens.view(B, 1) + torch.arange(n, device=parents.device)
+    return visible.scatter_(2, block[:, None, :].expand(B, n, n), ops.tree_ancestors(parents))
+
+
+def random_parents(B, n, device):
+    """Each node extends its predecessor (half the time) or hangs off a random earlier node."""
+    i = torch.arange(n, device=device)
+    earlier = (torch.rand(B, n, device=device) * i).long()
+    parents = torch.where(torch.rand(B, n, device=device) < 0.5, i - 1, earlier)
+    parents[:, 0] = -1
+    return parents
 
 
 def copy_bandwidth_gbs(device):
@@ -109,7 +136,41 @@ def block_attention_cases(device, quick):
         yield ("block_attention", (B, Hq, Hkv, n, cache, D), dtype, kv_bytes, {
             "native": lambda: ops.block_attention(q, k, v, lens),
             "reference": lambda: ops.block_attention_reference(q, k, v, lens),
-            "sdpa": lambda: sdpa_repeated_kv(q, k, v, lens),
+            "sdpa": lambda: sdpa_repeated_kv(q, k, v, causal_mask(lens, n)),
+        })
+
+
+def tree_attention_cases(device, quick):
+    Hq, Hkv, D, n = 32, 8, 128, 64
+    grid = [(B, c, torch.float32) for B in (1, 8) for c in (1024, 2048)]
+    if quick:
+        grid = [(1, 1024, torch.float32)]
+    if device.type == "cuda":
+        grid.append((8, 4096, torch.bfloat16))
+    for B, cache, dtype in grid:
+        q = torch.randn(B, n, Hq, D, device=device).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Hkv, cache + n, D, device=device).to(dtype)
+        v = torch.randn(B, Hkv, cache + n, D, device=device).to(dtype)
+        lens = torch.full((B,), cache, device=device, dtype=torch.int32)
+        parents = random_parents(B, n, device)
+        visible = tree_mask(lens, parents)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        yield ("tree_attention", (B, Hq, Hkv, n, cache, D), dtype, kv_bytes, {
+            "native": lambda: ops.tree_attention(q, k, v, lens, parents),
+            "reference": lambda: ops.tree_attention_reference(q, k, v, lens, parents),
+            "sdpa": lambda: sdpa_repeated_kv(q, k, v, visible),
+        })
+
+
+def tree_verify_cases(device, quick):
+    for B in (1, 8) if not quick else (8,):
+        n = 64
+        parents = random_parents(B, n, device)
+        greedy = torch.randint(0, 3, (B, n), device=device)
+        tokens = torch.randint(0, 3, (B, n), device=device)
+        yield ("tree_verify", (B, n), torch.int64, None, {
+            "native": lambda: ops.tree_verify(greedy, tokens, parents),
+            "reference": lambda: ops.tree_verify_reference(greedy, tokens, parents),
         })
 
 
@@ -151,7 +212,8 @@ def main():
           f"{'sdpa ms':>9} {'vs ref':>7} {'vs sdpa':>8} {'GB/s':>7}")
     for device in devices:
         copy_gbs = copy_bandwidth_gbs(device) if device.type == "cuda" else None
-        for cases in (jacobi_verify_cases, block_attention_cases, lm_head_argmax_cases):
+        for cases in (jacobi_verify_cases, block_attention_cases, tree_attention_cases,
+                      tree_verify_cases, lm_head_argmax_cases):
             for op, shape, dtype, kv_bytes, variants in cases(device, args.quick):
                 ms = compare(variants, device, warmup, rounds, args.clock)
                 row = {"op": op, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),

@@ -1,16 +1,23 @@
-"""Kernels for Jacobi decoding: native ops from cllm_rt._C, pure-PyTorch references.
+"""Kernels for Jacobi decoding and token-tree verification: native ops from cllm_rt._C,
+pure-PyTorch references.
 
-Each public op validates its inputs once (so the native and the reference paths
-raise the same ValueError/TypeError naming the argument) and then runs the native
-kernel when the extension is loaded and supports the tensors' device, else the
-reference. ``*_reference`` functions are the specification the kernels are tested
-against.
+Each public op validates its inputs first (so the native and the reference paths raise
+the same ValueError/TypeError naming the argument) and then runs the native kernel when
+the extension is loaded and supports the tensors' device, else the reference.
+``*_reference`` functions are the specification the kernels are tested against.
+
+What each op accepts is defined once, by the C++ checks (csrc/checks.h); the checks
+here test the same conditions with messages that name the Python argument. Checks of
+*values* (cache_lens, parents) run in C++ on the native path, which on a GPU does them
+with one host sync per tensor instead of one per call (csrc/checks.cpp), and here
+with the same messages on the reference path.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 try:
     from cllm_rt import _C  # registers torch.ops.cllm_rt.*; needs torch imported first
@@ -20,10 +27,19 @@ except ImportError as error:
                   "reference ops", RuntimeWarning, stacklevel=2)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-MAX_HEAD_DIM = 256
+_INT32_MAX = 2**31 - 1
+# Limits of the kernels (csrc/common.h); the references have none, so without the
+# extension there is no limit to check.
+MAX_HEAD_DIM = _C.MAX_HEAD_DIM if _C is not None else None
+MAX_TREE_NODES = _C.MAX_TREE_NODES if _C is not None else None
 
+# The fused LM-head argmax pays off from about 8 rows (B*n) on: on the 2-core development CPU
+# (benchmarks/bench_head.py, vocab 32k and 128k, d=1024) it was 1.4-4.8x faster than linear + jacobi_verify
+# at 8-128 rows and 0.23-0.9x at one row, where torch's GEMV streams the weight faster. It is not yet
+# measured on GPUs, so CUDA keeps cuBLAS + jacobi_verify.
+FUSED_HEAD_MIN_ROWS = 8
 
-_native_enabled = True
+_native_kernels_enabled = True
 
 
 def native_available() -> bool:
@@ -31,14 +47,15 @@ def native_available() -> bool:
     return _C is not None
 
 
-def use_native(enabled: bool) -> None:
+def use_native_kernels(enabled: bool) -> None:
     """Route the ops to the compiled kernels (default) or to the PyTorch references, e.g. to compare them."""
-    global _native_enabled
-    _native_enabled = bool(enabled)
+    global _native_kernels_enabled
+    _native_kernels_enabled = bool(enabled)
 
 
-def _use_native(device: torch.device) -> bool:
-    if not _native_enabled or _C is None:
+def _native_kernel_for(device: torch.device) -> bool:
+    """Whether the ops run a compiled kernel for tensors on ``device`` (else the reference)."""
+    if not _native_kernels_enabled or _C is None:
         return False
     # A CPU-only build has no CUDA kernels: the reference takes CUDA tensors.
     return device.type == "cpu" or (device.type == "cuda" and bool(_C.WITH_CUDA))
@@ -61,26 +78,28 @@ def _check_same_device(name, x, ref_name, ref):
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
 
 
+def _check_index_matrix(name, x, shape, ref_name, ref):
+    """x: int64 [B, n] on ref's device."""
+    _check_tensor(name, x, 2, (torch.int64,))
+    _check_same_device(name, x, ref_name, ref)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, n] = {tuple(shape)}, got {tuple(x.shape)}")
+
+
 def _check_jacobi_verify(logits, block):
     _check_tensor("logits", logits, 3, _FLOAT_DTYPES)
-    _check_tensor("block", block, 2, (torch.int64,))
-    _check_same_device("block", block, "logits", logits)
-    if tuple(block.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"block must have shape [B, n] = {tuple(logits.shape[:2])}, "
-                         f"got {tuple(block.shape)}")
-    if logits.shape[1] == 0 or logits.shape[2] == 0:
-        raise ValueError(f"logits must have n >= 1 and V >= 1, got shape {tuple(logits.shape)}")
+    _check_index_matrix("block", block, logits.shape[:2], "logits", logits)
+    if logits.shape[1] == 0 or not 0 < logits.shape[2] < _INT32_MAX:
+        raise ValueError(f"logits must have n >= 1 and 1 <= V < 2**31 - 1, got shape {tuple(logits.shape)}")
 
 
-def _check_block_attention(q, k_cache, v_cache, cache_lens):
+def _check_attention(q, k_cache, v_cache, cache_lens):
     _check_tensor("q", q, 4, _FLOAT_DTYPES)
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x, 4, (q.dtype,))
         _check_same_device(name, x, "q", q)
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    _check_tensor("cache_lens", cache_lens, 1, (torch.int32, torch.int64))
-    _check_same_device("cache_lens", cache_lens, "q", q)
     B, Hq, n, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != B or k_cache.shape[3] != D:
@@ -89,31 +108,70 @@ def _check_block_attention(q, k_cache, v_cache, cache_lens):
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
                          f"got {tuple(v_cache.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count {Hq} must be a multiple of k_cache's {Hkv}")
-    if n == 0 or not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"q must have n >= 1 and 1 <= D <= {MAX_HEAD_DIM}, "
+    if Hq == 0 or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count {Hq} must be a positive multiple of k_cache's {Hkv}")
+    if n == 0 or D == 0 or (MAX_HEAD_DIM is not None and D > MAX_HEAD_DIM):
+        raise ValueError(f"q must have n >= 1 and 1 <= D{_at_most(MAX_HEAD_DIM)}, "
                          f"got shape {tuple(q.shape)}")
     if S_max < n:
         raise ValueError(f"k_cache's S_max = {S_max} must be at least the block length n = {n}")
+    _check_tensor("cache_lens", cache_lens, 1, (torch.int32, torch.int64))
+    _check_same_device("cache_lens", cache_lens, "q", q)
     if cache_lens.shape[0] != B:
         raise ValueError(f"cache_lens must have shape [B={B}], got {tuple(cache_lens.shape)}")
-    # Reading the lengths back from a GPU would stall every call; there the kernel
-    # clamps instead, so bad lengths give wrong rows but never out-of-bounds reads.
-    if cache_lens.device.type == "cpu" and B > 0:
-        lo, hi = int(cache_lens.min()), int(cache_lens.max())
-        if lo < 0 or hi + n > S_max:
-            raise ValueError(f"cache_lens must satisfy 0 <= cache_lens[b] and cache_lens[b] + "
-                             f"n <= S_max = {S_max} (n = {n}), got values in [{lo}, {hi}]")
+
+
+def _at_most(limit):
+    return "" if limit is None else f" <= {limit}"
+
+
+def _check_tree_nodes(op, n):
+    if n == 0 or (MAX_TREE_NODES is not None and n > MAX_TREE_NODES):
+        raise ValueError(f"{op}: a tree must have 1 <= n{_at_most(MAX_TREE_NODES)} nodes, got n = {n}")
+
+
+def _check_tree_attention(q, k_cache, v_cache, cache_lens, parents):
+    _check_attention(q, k_cache, v_cache, cache_lens)
+    _check_tree_nodes("tree_attention", q.shape[2])
+    _check_index_matrix("parents", parents, (q.shape[0], q.shape[2]), "q", q)
+
+
+def _check_tree_verify(greedy, tokens, parents):
+    _check_tensor("greedy", greedy, 2, (torch.int64,))
+    _check_tree_nodes("tree_verify", greedy.shape[1])
+    _check_index_matrix("tokens", tokens, greedy.shape, "greedy", greedy)
+    _check_index_matrix("parents", parents, greedy.shape, "greedy", greedy)
 
 
 def _check_lm_head_argmax(hidden, weight):
     _check_tensor("hidden", hidden, 3, _FLOAT_DTYPES)
     _check_tensor("weight", weight, 2, (hidden.dtype,))
-    _check_same_device("weight", weight, "hidden", hidden)
-    if weight.shape[1] != hidden.shape[2] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V >= 1, d={hidden.shape[2]}], "
+    if weight.shape[1] != hidden.shape[2] or not 0 < weight.shape[0] < _INT32_MAX:
+        raise ValueError(f"weight must have shape [V, d={hidden.shape[2]}] with 1 <= V < 2**31 - 1, "
                          f"got {tuple(weight.shape)}")
+    _check_same_device("weight", weight, "hidden", hidden)
+
+
+# Value checks of the reference path; the native path runs csrc/checks.cpp, whose
+# conditions and messages these repeat.
+
+def _check_cache_lens_values(op, cache_lens, n, S_max):
+    if cache_lens.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cache_lens))
+    if lo < 0 or hi + n > S_max:
+        raise ValueError(f"{op}: cache_lens must satisfy 0 <= cache_lens[b] and cache_lens[b] + n <= "
+                         f"S_max = {S_max} (n = {n}), got values in [{lo}, {hi}]")
+
+
+def _check_parents_values(op, parents):
+    if parents.numel() == 0:
+        return
+    lo = int(parents.min())
+    hi = int((parents - torch.arange(parents.shape[1], device=parents.device)).max())
+    if lo < -1 or hi >= 0:
+        raise ValueError(f"{op}: parents must satisfy -1 <= parents[b, i] < i (a forest in topological "
+                         f"order, -1 for a root), got values down to {lo} and parents[b, i] - i up to {hi}")
 
 
 def _acc_dtype(dtype):
@@ -134,18 +192,67 @@ def jacobi_verify_reference(logits, block):
     return greedy, accepted_length(block, greedy)
 
 
-def block_attention_reference(q, k_cache, v_cache, cache_lens, scale=None):
+def _masked_attention_reference(q, k_cache, v_cache, visible, scale):
+    """Softmax attention of q [B, Hq, n, D] over the cache positions where visible [B, n, S_max] holds."""
     B, Hq, n, D = q.shape
-    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
     acc = _acc_dtype(q.dtype)
     scale = D ** -0.5 if scale is None else scale
     k = k_cache.to(acc).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, S_max, D]
     v = v_cache.to(acc).repeat_interleave(Hq // Hkv, dim=1)
     scores = (q.to(acc) @ k.transpose(-1, -2)) * scale  # [B, Hq, n, S_max]
-    last = cache_lens.view(B, 1, 1, 1) + torch.arange(n, device=q.device).view(1, 1, n, 1)
-    hidden = torch.arange(S_max, device=q.device) > last  # [B, 1, n, S_max]
-    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     return (probs @ v).to(q.dtype)
+
+
+def block_attention_reference(q, k_cache, v_cache, cache_lens, scale=None):
+    B, _, n, _ = q.shape
+    S_max = k_cache.shape[2]
+    last = cache_lens.view(B, 1, 1) + torch.arange(n, device=q.device).view(1, n, 1)
+    visible = torch.arange(S_max, device=q.device) <= last  # [B, n, S_max]
+    return _masked_attention_reference(q, k_cache, v_cache, visible, scale)
+
+
+def tree_ancestors(parents):
+    """[B, n, n] bool: [b, i, j] is True iff node j is node i or one of its ancestors."""
+    B, n = parents.shape
+    ancestors = torch.eye(n, dtype=torch.bool, device=parents.device).repeat(B, 1, 1)
+    rows = torch.arange(B, device=parents.device)
+    for i in range(1, n):  # topological order: a parent's row is final before its children's
+        parent = parents[:, i]
+        ancestors[:, i] |= ancestors[rows, parent.clamp(min=0)] & (parent >= 0)[:, None]
+    return ancestors
+
+
+def tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale=None):
+    B, _, n, _ = q.shape
+    S_max = k_cache.shape[2]
+    positions = torch.arange(S_max, device=q.device)
+    visible = (positions < cache_lens.view(B, 1, 1)).expand(B, n, S_max).clone()  # the cache
+    block = cache_lens.view(B, 1) + torch.arange(n, device=q.device)  # [B, n]: node j's position
+    visible.scatter_(2, block[:, None, :].expand(B, n, n), tree_ancestors(parents))
+    return _masked_attention_reference(q, k_cache, v_cache, visible, scale)
+
+
+def tree_verify_reference(greedy, tokens, parents):
+    B, n = greedy.shape
+    rows = torch.arange(B, device=greedy.device)
+    depth = torch.full((B, n), -1, dtype=torch.int64, device=greedy.device)  # -1: not confirmed
+    depth[:, 0] = 0
+    for i in range(1, n):
+        parent = parents[:, i].clamp(min=0)
+        confirmed = ((parents[:, i] >= 0) & (depth[rows, parent] >= 0)
+                     & (tokens[:, i] == greedy[rows, parent]))
+        depth[:, i] = torch.where(confirmed, depth[rows, parent] + 1, -1)
+    node = depth.argmax(-1)  # argmax takes the first index: the smallest among the deepest
+    accepted = depth[rows, node] + 1
+    path = torch.full_like(greedy, -1)
+    current, level = node, accepted - 1
+    for _ in range(n):  # walk up from the deepest node; the root has level 0
+        live = level >= 0
+        path[rows[live], level[live]] = current[live]
+        current, level = parents[rows, current].clamp(min=0), level - 1
+    return accepted, node, path
 
 
 def lm_head_argmax_reference(hidden, weight):
@@ -165,7 +272,7 @@ def jacobi_verify(logits: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tens
     _check_jacobi_verify(logits, block)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if _use_native(logits.device):
+    if _native_kernel_for(logits.device):
         return tuple(torch.ops.cllm_rt.jacobi_verify(logits, block))
     return jacobi_verify_reference(logits, block)
 
@@ -176,14 +283,69 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q [B, Hq, n, D] (any strides), k_cache/v_cache [B, Hkv, S_max, D] contiguous with
     the block's own keys already at cache_lens[b] .. cache_lens[b]+n-1, cache_lens [B]
-    int32/int64. Query i of row b attends to positions 0 .. cache_lens[b]+i; q head h
-    uses KV head h // (Hq // Hkv). Returns [B, Hq, n, D] contiguous in q's dtype.
+    int32/int64 with 0 <= cache_lens[b] <= S_max - n. Query i of row b attends to
+    positions 0 .. cache_lens[b]+i; q head h uses KV head h // (Hq // Hkv); D <=
+    MAX_HEAD_DIM. Returns [B, Hq, n, D] contiguous in q's dtype.
     """
-    _check_block_attention(q, k_cache, v_cache, cache_lens)
+    _check_attention(q, k_cache, v_cache, cache_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _use_native(q.device):
+    if _native_kernel_for(q.device):
         return torch.ops.cllm_rt.block_attention(q, k_cache, v_cache, cache_lens, scale)
+    _check_cache_lens_values("block_attention", cache_lens, q.shape[2], k_cache.shape[2])
     return block_attention_reference(q, k_cache, v_cache, cache_lens, scale)
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   cache_lens: torch.Tensor, parents: torch.Tensor,
+                   scale: float | None = None) -> torch.Tensor:
+    """block_attention for a block whose n tokens form a token tree (or a forest).
+
+    parents [B, n] int64: parents[b, i] is node i's parent, -1 for a root, and nodes are
+    in topological order (-1 <= parents[b, i] < i; so node 0 is always a root, normally
+    the last verified token). Node i's key/value is already at cache position
+    cache_lens[b] + i. Node i of row b attends to cache positions 0 .. cache_lens[b]-1
+    and to the block positions of itself and its ancestors; a chain (parents[b, i] =
+    i - 1) is exactly block_attention. n <= MAX_TREE_NODES. Padding for rows with fewer
+    nodes: make the padded nodes roots (parent -1); they attend to the cache and
+    themselves, tree_verify never accepts them, and their outputs are to be ignored.
+    Other arguments and the result as in block_attention; the nodes' positions for
+    rotary embeddings (cache_lens[b] + depth) are the caller's.
+    """
+    _check_tree_attention(q, k_cache, v_cache, cache_lens, parents)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _native_kernel_for(q.device):
+        return torch.ops.cllm_rt.tree_attention(q, k_cache, v_cache, cache_lens, parents, scale)
+    _check_cache_lens_values("tree_attention", cache_lens, q.shape[2], k_cache.shape[2])
+    _check_parents_values("tree_attention", parents)
+    return tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale)
+
+
+def tree_verify(greedy: torch.Tensor, tokens: torch.Tensor,
+                parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The longest path of a token tree that greedy decoding confirms.
+
+    greedy [B, n] int64: the greedy token after node i (the argmax of node i's logits);
+    tokens [B, n] int64: node i's token (tokens[b, 0], the root's, is the last verified
+    token and is not compared); parents as in tree_attention (n <= MAX_TREE_NODES).
+    Node 0 is confirmed; node i > 0 is confirmed iff its parent is and tokens[b, i] ==
+    greedy[b, parents[b, i]]; other roots (padding) never are. Returns int64
+
+    - node [B]: the deepest confirmed node, the smallest index among equally deep ones;
+    - accepted [B] = depth(node) + 1: the tokens made final, i.e. the depth(node)
+      confirmed tokens of the path plus greedy[b, node[b]], as jacobi_verify counts
+      (a chain, parents[b, i] = i - 1, gives exactly accepted_length(tokens, greedy));
+    - path [B, n]: path[b, k] for k < accepted[b] is the path's node at depth k (path[b, 0]
+      = 0), -1 after. The cache keeps the keys/values at cache_lens[b] + path[b, k] as
+      positions cache_lens[b] + k, k < accepted[b]; the next block starts with
+      greedy[b, node[b]].
+
+    as (accepted, node, path).
+    """
+    _check_tree_verify(greedy, tokens, parents)
+    if _native_kernel_for(greedy.device):
+        return tuple(torch.ops.cllm_rt.tree_verify(greedy, tokens, parents))
+    _check_parents_values("tree_verify", parents)
+    return tree_verify_reference(greedy, tokens, parents)
 
 
 def lm_head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -193,9 +355,27 @@ def lm_head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (float64 for float64), so near-ties may differ from a product rounded to bf16.
     """
     _check_lm_head_argmax(hidden, weight)
-    if _use_native(hidden.device):
+    if _native_kernel_for(hidden.device):
         return torch.ops.cllm_rt.lm_head_argmax(hidden.contiguous(), weight.contiguous())
     return lm_head_argmax_reference(hidden, weight)
+
+
+def greedy_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [B, n] of the LM head (weight [V, d], bias [V] or None) over hidden [B, n, d], and
+    the accepted lengths [B] of block [B, n], as jacobi_verify(F.linear(hidden, weight, bias), block).
+
+    Picks the implementation for the device and size, so that a decoding loop need not know devices: the
+    fused lm_head_argmax (no [B, n, V] logits) on CPU from FUSED_HEAD_MIN_ROWS rows on when there is no
+    bias, else the linear layer and jacobi_verify.
+    """
+    fused = (isinstance(hidden, torch.Tensor) and hidden.device.type == "cpu" and bias is None
+             and hidden.shape[:2].numel() >= FUSED_HEAD_MIN_ROWS)
+    if fused:
+        greedy = lm_head_argmax(hidden, weight)
+        _check_index_matrix("block", block, greedy.shape, "hidden", hidden)
+        return greedy, accepted_length(block, greedy)
+    return jacobi_verify(F.linear(hidden, weight, bias), block)
 
 
 if _C is not None:
@@ -207,6 +387,15 @@ if _C is not None:
     @torch.library.register_fake("cllm_rt::block_attention")
     def _(q, k_cache, v_cache, cache_lens, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("cllm_rt::tree_attention")
+    def _(q, k_cache, v_cache, cache_lens, parents, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("cllm_rt::tree_verify")
+    def _(greedy, tokens, parents):
+        B, n = greedy.shape
+        return greedy.new_empty((B,)), greedy.new_empty((B,)), greedy.new_empty((B, n))
 
     @torch.library.register_fake("cllm_rt::lm_head_argmax")
     def _(hidden, weight):

@@ -1,5 +1,8 @@
-// Argument checks shared by the CPU and CUDA entry points of each op. cllm_rt/ops.py
-// raises friendlier Python errors before these; they guard direct torch.ops calls.
+// Argument checks shared by the CPU and CUDA entry points of each op: the authoritative
+// definition of what each op accepts. cllm_rt/ops.py tests the same conditions first so
+// that its messages name the Python argument (tests/test_ops.py holds the two together
+// case by case); these guard direct torch.ops calls. TORCH_CHECK_VALUE / _TYPE raise
+// ValueError / TypeError in Python, as ops.py does.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,53 +10,136 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace cllm_rt {
 
-constexpr int64_t kMaxHeadDim = 256;
-
-inline void check_jacobi_verify(const at::Tensor& logits, const at::Tensor& block) {
-  TORCH_CHECK(logits.dim() == 3 && logits.size(1) > 0 && logits.size(2) > 0 &&
-                  logits.stride(2) == 1,
-              "jacobi_verify: logits must be [B, n >= 1, V >= 1] with a contiguous last dim");
-  TORCH_CHECK(logits.size(2) < INT32_MAX, "jacobi_verify: vocabulary too large");
-  TORCH_CHECK(block.dim() == 2 && block.size(0) == logits.size(0) &&
-                  block.size(1) == logits.size(1) && block.scalar_type() == at::kLong,
-              "jacobi_verify: block must be int64 [B, n]");
-  TORCH_CHECK(block.device() == logits.device(), "jacobi_verify: block must be on logits' device");
+inline bool is_kernel_float(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
 }
 
-inline void check_block_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& cache_lens) {
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "block_attention: q must be [B, Hq, n, D], k_cache/v_cache [B, Hkv, S_max, D]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "block_attention: k_cache and v_cache must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "block_attention: q, k_cache and v_cache must share a dtype");
+inline void check_float(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(is_kernel_float(x.scalar_type()), op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& x,
+                              const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(x.device() == ref.device(), op, ": ", name, " must be on the device of the ",
+                    "first argument, ", ref.device(), ", got ", x.device());
+}
+
+// An int64 [B, n] tensor of token ids or node indices on like's device.
+inline void check_index_matrix(const char* op, const char* name, const at::Tensor& x, int64_t B,
+                               int64_t n, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == B && x.size(1) == n, op, ": ", name,
+                    " must have shape [B, n] = [", B, ", ", n, "], got ", x.sizes());
+  check_same_device(op, name, x, like);
+}
+
+inline void check_jacobi_verify(const at::Tensor& logits, const at::Tensor& block) {
+  check_float("jacobi_verify", "logits", logits);
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(1) > 0 && logits.size(2) > 0,
+                    "jacobi_verify: logits must be [B, n >= 1, V >= 1], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(2) < INT32_MAX, "jacobi_verify: vocabulary too large");
+  TORCH_CHECK_VALUE(logits.stride(2) == 1, "jacobi_verify: logits must have a contiguous last dim");
+  check_index_matrix("jacobi_verify", "block", block, logits.size(0), logits.size(1), logits);
+}
+
+// block_attention and tree_attention: q [B, Hq, n, D], k/v caches [B, Hkv, S_max, D],
+// cache_lens [B]. The values of cache_lens are checked by check_cache_lens_values.
+inline void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& cache_lens) {
+  check_float(op, "q", q);
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Hq, n, D], got ", q.sizes());
+  for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
+    TORCH_CHECK_TYPE(x->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                     q.scalar_type(), ", got ", x->scalar_type());
+    TORCH_CHECK_VALUE(x->dim() == 4, op, ": ", name, " must be [B, Hkv, S_max, D], got ",
+                      x->sizes());
+    check_same_device(op, name, *x, q);
+    TORCH_CHECK_VALUE(x->is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op,
+                    ": k_cache must be [B, Hkv, S_max, D] with q's B and D, got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t Hkv = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == q.size(0) && k_cache.size(3) == q.size(3) && Hkv > 0 &&
-                  q.size(1) % Hkv == 0,
-              "block_attention: k_cache must be [B, Hkv, S_max, D] with Hq % Hkv == 0");
-  TORCH_CHECK(q.size(2) > 0 && q.size(3) > 0 && q.size(3) <= kMaxHeadDim,
-              "block_attention: need n >= 1 and 1 <= D <= 256");
-  TORCH_CHECK(k_cache.size(2) >= q.size(2), "block_attention: need S_max >= n");
-  TORCH_CHECK(cache_lens.dim() == 1 && cache_lens.size(0) == q.size(0) &&
-                  (cache_lens.scalar_type() == at::kInt || cache_lens.scalar_type() == at::kLong),
-              "block_attention: cache_lens must be int32/int64 [B]");
-  TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device() &&
-                  cache_lens.device() == q.device(),
-              "block_attention: all tensors must be on q's device");
+  TORCH_CHECK_VALUE(Hq > 0 && Hkv > 0 && Hq % Hkv == 0, op, ": q's head count ", Hq,
+                    " must be a positive multiple of k_cache's ", Hkv);
+  TORCH_CHECK_VALUE(n > 0 && D > 0 && D <= kMaxHeadDim, op, ": q must have n >= 1 and 1 <= D <= ",
+                    kMaxHeadDim, ", got ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(2) >= n, op, ": k_cache's S_max = ", k_cache.size(2),
+                    " must be at least the block length n = ", n);
+  TORCH_CHECK_TYPE(cache_lens.scalar_type() == at::kInt || cache_lens.scalar_type() == at::kLong,
+                   op, ": cache_lens must be int32 or int64, got ", cache_lens.scalar_type());
+  TORCH_CHECK_VALUE(cache_lens.dim() == 1 && cache_lens.size(0) == B, op,
+                    ": cache_lens must have shape [B] = [", B, "], got ", cache_lens.sizes());
+  check_same_device(op, "cache_lens", cache_lens, q);
+}
+
+inline void check_tree_nodes(const char* op, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= kMaxTreeNodes, op, ": a tree must have 1 <= n <= ", kMaxTreeNodes,
+                    " nodes, got n = ", n);
+}
+
+// tree_attention: check_attention's arguments and parents, int64 [B, n] (its values by
+// check_parents_values).
+inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                 const at::Tensor& parents) {
+  check_attention("tree_attention", q, k_cache, v_cache, cache_lens);
+  check_tree_nodes("tree_attention", q.size(2));
+  check_index_matrix("tree_attention", "parents", parents, q.size(0), q.size(2), q);
+}
+
+// tree_verify: greedy, tokens and parents, all int64 [B, n] on one device.
+inline void check_tree_verify(const at::Tensor& greedy, const at::Tensor& tokens,
+                              const at::Tensor& parents) {
+  TORCH_CHECK_TYPE(greedy.scalar_type() == at::kLong, "tree_verify: greedy must be int64, got ",
+                   greedy.scalar_type());
+  TORCH_CHECK_VALUE(greedy.dim() == 2, "tree_verify: greedy must be [B, n], got ", greedy.sizes());
+  check_tree_nodes("tree_verify", greedy.size(1));
+  check_index_matrix("tree_verify", "tokens", tokens, greedy.size(0), greedy.size(1), greedy);
+  check_index_matrix("tree_verify", "parents", parents, greedy.size(0), greedy.size(1), greedy);
 }
 
 inline void check_lm_head_argmax(const at::Tensor& hidden, const at::Tensor& weight) {
-  TORCH_CHECK(hidden.dim() == 3 && weight.dim() == 2 && weight.size(1) == hidden.size(2) &&
-                  weight.size(0) > 0,
-              "lm_head_argmax: hidden must be [B, n, d] and weight [V >= 1, d]");
-  TORCH_CHECK(weight.size(0) < INT32_MAX, "lm_head_argmax: vocabulary too large");
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(),
-              "lm_head_argmax: hidden and weight must share a dtype");
-  TORCH_CHECK(weight.device() == hidden.device(),
-              "lm_head_argmax: weight must be on hidden's device");
+  check_float("lm_head_argmax", "hidden", hidden);
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "lm_head_argmax: hidden must be [B, n, d], got ",
+                    hidden.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(),
+                   "lm_head_argmax: weight must have hidden's dtype ", hidden.scalar_type(), ", got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2) && weight.size(0) > 0,
+                    "lm_head_argmax: weight must be [V >= 1, d = ", hidden.size(2), "], got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) < INT32_MAX, "lm_head_argmax: vocabulary too large");
+  check_same_device("lm_head_argmax", "weight", weight, hidden);
 }
+
+// Value checks, on every device. They need the values on the host; on a GPU that is a
+// sync, so they are memoized per tensor (csrc/checks.cpp says when that is sound).
+
+// Rejects unless 0 <= cache_lens[b] and cache_lens[b] + n <= S_max for every row.
+// Returns max(cache_lens), which the CUDA kernels plan their key splits with
+// (-1 for B == 0).
+int64_t check_cache_lens_values(const char* op, const at::Tensor& cache_lens, int64_t n,
+                                int64_t S_max);
+
+// Rejects unless -1 <= parents[b, i] < i for every node: a forest in topological
+// order, which rules out cycles and self-loops.
+void check_parents_values(const char* op, const at::Tensor& parents);
+
+// tree_verify's inputs, checked (shapes and values) and contiguous, and its outputs
+// (accepted [B], node [B], path [B, n]), unfilled.
+struct TreeVerifyArgs {
+  at::Tensor greedy, tokens, parents, accepted, node, path;
+};
+TreeVerifyArgs prepare_tree_verify(const at::Tensor& greedy, const at::Tensor& tokens,
+                                   const at::Tensor& parents);
 
 }  // namespace cllm_rt

@@ -2,9 +2,12 @@
 //
 // Kernels register themselves per device (TORCH_LIBRARY_IMPL in csrc/cpu and
 // csrc/cuda); Python reaches them as torch.ops.cllm_rt.<op> once cllm_rt._C is
-// imported. The module has no functions, only WITH_CUDA telling which build it is.
+// imported. The module has no functions, only constants: WITH_CUDA telling which
+// build it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 TORCH_LIBRARY(cllm_rt, m) {
   // Greedy tokens argmax(logits, -1) [B, n] and accepted block length [B] (int64).
@@ -15,6 +18,13 @@ TORCH_LIBRARY(cllm_rt, m) {
         "float scale) -> Tensor");
   // argmax(hidden @ weight.T, -1) [B, n] without materializing the logits.
   m.def("lm_head_argmax(Tensor hidden, Tensor weight) -> Tensor");
+  // block_attention for a token tree: node i of row b (parents[b, i] its parent, -1 for
+  // a root) sees cache positions 0 .. cache_lens[b] - 1 and the block positions of
+  // itself and its ancestors.
+  m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
+        "Tensor parents, float scale) -> Tensor");
+  // The deepest node the greedy tokens confirm: (accepted [B], node [B], path [B, n]).
+  m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
@@ -25,7 +35,10 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0) {
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_HEAD_DIM", cllm_rt::kMaxHeadDim) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_TREE_NODES", cllm_rt::kMaxTreeNodes) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,14 +1,21 @@
 """cllm_rt.ops against float64 references, on CPU and (when present) CUDA.
 
-Tolerances: jacobi_verify is exact (argmax has no arithmetic). block_attention is
-compared with the reference run in float64 on the same (already rounded) inputs;
-the bound per dtype is a few units of the output dtype's rounding plus float32
-accumulation (ATTENTION_TOL). lm_head_argmax accumulates in float32 (float64 for
-float64): its tokens must equal the float64 reference's wherever the reference's
-top-2 logit gap exceeds LM_HEAD_GAP, far above float32 accumulation error.
+Tolerances: jacobi_verify and tree_verify are exact (no arithmetic). block_attention
+and tree_attention are compared with the reference run in float64 on the same
+(already rounded) inputs; the bound per dtype is a few units of the output dtype's
+rounding plus float32 accumulation (ATTENTION_TOL). lm_head_argmax accumulates in
+float32 (float64 for float64): its tokens must equal the float64 reference's wherever
+the reference's top-2 logit gap exceeds LM_HEAD_GAP, far above float32 accumulation
+error.
+
+The `device` fixture insists that the op runs a native kernel there: otherwise a
+test would compare the reference with itself and could not fail.
 """
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cllm_rt import ops
 
@@ -29,7 +36,13 @@ def device(request):
     # Queried when a test runs, never at collection: collecting must not touch a GPU.
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
-    return torch.device(request.param)
+    device = torch.device(request.param)
+    if not ops._native_kernel_for(device):
+        if os.environ.get("CLLM_RT_ALLOW_FALLBACK") == "1":
+            pytest.skip(f"no native kernels for {device}: the reference would be compared with itself")
+        pytest.fail(f"cllm_rt has no native kernels for {device}: the extension did not build "
+                    "(or was built without CUDA); CLLM_RT_ALLOW_FALLBACK=1 skips these tests")
+    return device
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +124,8 @@ ATTENTION_CASES = [  # B, Hq, Hkv, n, D, cache_lens, q_transposed
     (1, 8, 1, 32, 256, [700], True),
     (2, 16, 2, 1, 64, [0, 31], False),
     (2, 4, 1, 32, 128, [129, 1], False),
+    (1, 4, 2, 200, 64, [0], False),       # a prefill: many row blocks, causally cut key ranges
+    (1, 8, 8, 1, 128, [3000], True),      # a long decode: many key splits on a GPU
 ]
 
 
@@ -158,6 +173,245 @@ def test_block_attention_scale_and_int32_lens(device, lens_dtype):
                                atol=2e-5, rtol=2e-5)
 
 
+def test_block_attention_empty_batch(device):
+    q, k, v, lens = _attention_inputs(1, 4, 2, 3, 16, [5], False, torch.float32, device)
+    out = ops.block_attention(q[:0], k[:0], v[:0], lens[:0])
+    assert out.shape == (0, 4, 3, 16)
+
+
+def test_bad_cache_lens_values_are_rejected_on_every_device(device):
+    q, k, v, lens = _attention_inputs(2, 4, 2, 3, 16, [5, 9], False, torch.float32, device)
+    ops.block_attention(q, k, v, lens)
+    # An in-place write to a tensor already checked must be checked again (CUDA
+    # remembers checked tensors by identity and version: one host sync per tensor).
+    lens[1] = k.shape[2] - 2
+    with pytest.raises(ValueError, match=r"cache_lens\[b\] \+ n <= S_max"):
+        ops.block_attention(q, k, v, lens)
+    with pytest.raises(ValueError, match="got values in \\[-1, 5\\]"):
+        ops.block_attention(q, k, v, torch.tensor([5, -1], device=device))
+
+
+SMALL_SHARED_MEMORY = [  # dtype, D, CLLM_RT_CUDA_SMEM_LIMIT -> the plan it forces (attention_plan.h)
+    (torch.bfloat16, 256, 40000),   # 8 rows per block, K and V sharing one buffer
+    (torch.bfloat16, 256, 45000),   # 8 rows per block, separate buffers
+    (torch.float32, 128, 40000),    # 32 rows per block, one shared buffer
+]
+
+
+@pytest.mark.parametrize("dtype, D, limit", SMALL_SHARED_MEMORY,
+                         ids=[f"{str(c[0]).removeprefix('torch.')}-D{c[1]}-{c[2]}" for c in SMALL_SHARED_MEMORY])
+def test_attention_small_shared_memory(device, dtype, D, limit, monkeypatch):
+    # The plans GPUs with less shared memory than this one (T4, sm_86/89) would run.
+    if device.type != "cuda":
+        pytest.skip("shared-memory plans are CUDA's")
+    monkeypatch.setenv("CLLM_RT_CUDA_SMEM_LIMIT", str(limit))
+    q, k, v, lens = _attention_inputs(2, 8, 2, 37, D, [3, 300], True, dtype, device)
+    parents = _random_parents([37, 20], 37).to(device)
+    L = int(lens.max()) + 37
+    k64, v64 = k[:, :, :L].double().cpu(), v[:, :, :L].double().cpu()
+    atol, rtol = ATTENTION_TOL[dtype]
+    torch.testing.assert_close(ops.block_attention(q, k, v, lens).double().cpu(),
+                               ops.block_attention_reference(q.double().cpu(), k64, v64, lens.cpu()),
+                               atol=atol, rtol=rtol)
+    torch.testing.assert_close(ops.tree_attention(q, k, v, lens, parents).double().cpu(),
+                               ops.tree_attention_reference(q.double().cpu(), k64, v64, lens.cpu(),
+                                                            parents.cpu()), atol=atol, rtol=rtol)
+
+
+def test_attention_refuses_what_shared_memory_cannot_hold(device, monkeypatch):
+    if device.type != "cuda":
+        pytest.skip("shared-memory plans are CUDA's")
+    monkeypatch.setenv("CLLM_RT_CUDA_SMEM_LIMIT", "40000")  # float32 at D = 256 needs 41,472 B
+    q, k, v, lens = _attention_inputs(1, 4, 2, 3, 256, [5], False, torch.float32, device)
+    with pytest.raises(ValueError, match="shared memory"):
+        ops.block_attention(q, k, v, lens)
+
+
+# ---------------------------------------------------------------- tree_attention
+
+def _random_parents(real_nodes, n, forest=False):
+    """[len(real_nodes), n] parents: row b a random tree on its first real_nodes[b] nodes
+    (half the nodes extend their predecessor, so deep chains occur), then padding roots.
+    forest: some nodes start new trees."""
+    rows = []
+    for m in real_nodes:
+        parents = [-1]
+        for i in range(1, m):
+            u = float(torch.rand(()))
+            parents.append(-1 if forest and u < 0.15 else i - 1 if u < 0.5 else
+                           int(torch.randint(0, i, ())))
+        rows.append(parents + [-1] * (n - m))
+    return torch.tensor(rows)
+
+
+def _ancestors_brute(parents):
+    B, n = parents.shape
+    out = torch.zeros(B, n, n, dtype=torch.bool)
+    for b in range(B):
+        for i in range(n):
+            j = i
+            while j >= 0:
+                out[b, i, j] = True
+                j = int(parents[b, j])
+    return out
+
+
+TREE_CASES = [  # B, Hq, Hkv, n, D, cache_lens, q_transposed, real nodes per row, forest
+    (3, 8, 2, 13, 64, [0, 97, 300], True, [13, 7, 1], False),
+    (2, 4, 4, 64, 59, [5, 130], False, [64, 40], True),
+    (1, 12, 4, 5, 128, [33], True, [5], False),
+    (2, 2, 1, 31, 256, [129, 0], False, [31, 31], True),
+]
+
+
+def test_tree_ancestors_reference():
+    parents = _random_parents([40, 17, 1], 40, forest=True)
+    assert torch.equal(ops.tree_ancestors(parents), _ancestors_brute(parents))
+
+
+@all_dtypes
+@pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: "B{}-H{}/{}-n{}-D{}".format(*c))
+def test_tree_attention(device, dtype, case):
+    *shape, real_nodes, forest = case
+    q, k, v, lens = _attention_inputs(*shape, dtype, device)
+    parents = _random_parents(real_nodes, shape[3], forest).to(device)
+    out = ops.tree_attention(q, k, v, lens, parents)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    L = int(lens.max()) + q.shape[2]  # drop the NaN tail, which no query sees
+    reference = ops.tree_attention_reference(q.double().cpu(), k[:, :, :L].double().cpu(),
+                                             v[:, :, :L].double().cpu(), lens.cpu(), parents.cpu())
+    atol, rtol = ATTENTION_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), reference, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_tree_attention_chain_is_block_attention(device, dtype):
+    q, k, v, lens = _attention_inputs(2, 8, 2, 21, 64, [0, 77], True, dtype, device)
+    chain = (torch.arange(21, device=device) - 1).expand(2, 21).contiguous()
+    # One kernel with two masks that hide the same keys: bit-identical outputs.
+    assert torch.equal(ops.tree_attention(q, k, v, lens, chain), ops.block_attention(q, k, v, lens))
+    k, v = k[:, :, :98], v[:, :, :98]  # the references read every position: no NaN tail
+    assert torch.equal(ops.tree_attention_reference(q, k, v, lens, chain),
+                       ops.block_attention_reference(q, k, v, lens))
+
+
+def test_tree_attention_int32_lens_and_scale(device):
+    q, k, v, lens = _attention_inputs(2, 6, 3, 7, 32, [10, 40], False, torch.float32, device)
+    parents = _random_parents([7, 4], 7).to(device)
+    out = ops.tree_attention(q, k, v, lens.int(), parents, scale=0.3)
+    reference = ops.tree_attention_reference(q.double().cpu(), k[:, :, :47].double().cpu(),
+                                             v[:, :, :47].double().cpu(), lens.cpu(), parents.cpu(), 0.3)
+    torch.testing.assert_close(out.double().cpu(), reference, atol=2e-5, rtol=2e-5)
+
+
+def test_tree_attention_empty_batch(device):
+    q, k, v, lens = _attention_inputs(1, 4, 2, 3, 16, [5], False, torch.float32, device)
+    parents = torch.tensor([[-1, 0, 0]], device=device)
+    assert ops.tree_attention(q[:0], k[:0], v[:0], lens[:0], parents[:0]).shape == (0, 4, 3, 16)
+
+
+# ---------------------------------------------------------------- tree_verify
+
+def _tree_verify_brute(greedy, tokens, parents):
+    """Per row: walk every node up to its root, so nothing is shared with the reference's pass."""
+    accepted, nodes, paths = [], [], []
+    for g, t, p in zip(greedy.tolist(), tokens.tolist(), parents.tolist()):
+        best = (0, [0])
+        for i in range(len(p)):
+            path, j = [i], i
+            while p[j] >= 0 and t[j] == g[p[j]]:
+                j = p[j]
+                path.append(j)
+            if p[j] < 0 and j == 0 and len(path) > len(best[1]):
+                best = (i, path[::-1])
+        nodes.append(best[0])
+        accepted.append(len(best[1]))
+        paths.append(best[1] + [-1] * (len(p) - len(best[1])))
+    return torch.tensor(accepted), torch.tensor(nodes), torch.tensor(paths)
+
+
+def _check_tree_verify(greedy, tokens, parents):
+    accepted, node, path = ops.tree_verify(greedy, tokens, parents)
+    assert accepted.dtype == node.dtype == path.dtype == torch.int64
+    assert node.shape == accepted.shape == greedy.shape[:1] and path.shape == greedy.shape
+    expected = _tree_verify_brute(greedy.cpu(), tokens.cpu(), parents.cpu())
+    for got, want in zip((accepted, node, path), expected):
+        assert torch.equal(got.cpu(), want)
+    for got, want in zip(ops.tree_verify_reference(greedy.cpu(), tokens.cpu(), parents.cpu()), expected):
+        assert torch.equal(got, want)
+    return accepted
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_tree_verify_random(device, n):
+    B = 9
+    parents = _random_parents([n] * 4 + [max(1, n // 2)] * 3 + [1, n], n, forest=n > 7).to(device)
+    # A vocabulary of 3: about a third of the edges match, so depths vary.
+    greedy = torch.randint(0, 3, (B, n), device=device)
+    tokens = torch.randint(0, 3, (B, n), device=device)
+    accepted = _check_tree_verify(greedy, tokens, parents)
+    if n == 64:
+        assert accepted.max() > 2  # some row got deep
+
+
+def test_tree_verify_ties_and_padding(device):
+    parents = torch.tensor([[-1, 0, 0, 1, 2, -1], [-1, 0, 0, 1, 2, -1], [-1, -1, 1, -1, -1, -1]])
+    greedy = torch.tensor([[5, 7, 7, 1, 1, 1], [5, 7, 7, 1, 1, 1], [5, 5, 5, 5, 5, 5]])
+    tokens = torch.tensor([[9, 5, 5, 7, 7, 5], [9, 4, 4, 4, 4, 4], [9, 5, 5, 5, 5, 5]])
+    accepted, node, path = ops.tree_verify(greedy.to(device), tokens.to(device), parents.to(device))
+    # Row 0: nodes 3 and 4 are both confirmed at depth 2: the smaller index wins.
+    # Row 1: nothing matches. Row 2: node 1 matches greedy[0] but is a root (padding):
+    # neither it nor its child 2 are ever accepted.
+    assert accepted.tolist() == [3, 1, 1] and node.tolist() == [3, 0, 0]
+    assert path.tolist() == [[0, 1, 3, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, -1, -1, -1, -1, -1]]
+    _check_tree_verify(greedy.to(device), tokens.to(device), parents.to(device))
+
+
+def test_tree_verify_chain_is_jacobi_verify(device):
+    B, n, V = 5, 16, 50
+    logits = torch.randn(B, n, V, device=device)
+    block = _block_with_prefix(logits.argmax(-1), [0, 3, 15, 7, 1])
+    greedy, jacobi_accepted = ops.jacobi_verify(logits, block)
+    chain = (torch.arange(n, device=device) - 1).expand(B, n).contiguous()
+    accepted, node, path = ops.tree_verify(greedy, block, chain)
+    assert torch.equal(accepted, jacobi_accepted)
+    assert torch.equal(accepted.cpu(), ops.accepted_length(block, greedy).cpu())
+    assert torch.equal(node, accepted - 1)
+    k = torch.arange(n, device=device)
+    assert torch.equal(path, torch.where(k < accepted[:, None], k, -1))
+
+
+# ---------------------------------------------------------------- greedy_verify
+
+@pytest.mark.parametrize("rows", [(1, 1), (2, 3), (1, 8), (3, 16)], ids=lambda r: "B{}-n{}".format(*r))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_greedy_verify(device, rows, with_bias, monkeypatch):
+    B, n = rows
+    d, V = 32, 301
+    # float64: the fused head and the linear layer cannot round an argmax apart.
+    hidden = torch.randn(B, n, d, device=device, dtype=torch.float64)
+    weight = torch.randn(V, d, device=device, dtype=torch.float64)
+    bias = torch.randn(V, device=device, dtype=torch.float64) if with_bias else None
+    logits = F.linear(hidden, weight, bias)
+    block = _block_with_prefix(logits.argmax(-1), torch.randint(0, n, (B,)).tolist())
+    fused_calls = []
+    fused = ops.lm_head_argmax
+    monkeypatch.setattr(ops, "lm_head_argmax", lambda h, w: fused_calls.append(1) or fused(h, w))
+    greedy, accepted = ops.greedy_verify(hidden, weight, bias, block)
+    expected = ops.jacobi_verify_reference(logits.cpu(), block.cpu())
+    assert torch.equal(greedy.cpu(), expected[0]) and torch.equal(accepted.cpu(), expected[1])
+    fuses = bias is None and device.type == "cpu" and B * n >= ops.FUSED_HEAD_MIN_ROWS
+    assert bool(fused_calls) == fuses
+
+
+def test_greedy_verify_checks_block():
+    hidden, weight = torch.randn(2, 8, 16), torch.randn(40, 16)
+    for block, error in ((torch.zeros(2, 7, dtype=torch.int64), ValueError),
+                         (torch.zeros(2, 8, dtype=torch.int32), TypeError)):
+        with pytest.raises(error, match="block"):
+            ops.greedy_verify(hidden, weight, None, block)
+
+
 # ---------------------------------------------------------------- lm_head_argmax
 
 @all_dtypes
@@ -180,11 +434,14 @@ def test_lm_head_argmax(device, dtype, shape):
         assert clear.float().mean() > 0.9
 
 
-def test_lm_head_argmax_nan_row(device):
-    hidden = torch.randn(1, 3, 16, device=device)
-    hidden[0, 1, 4] = float("nan")
+def test_lm_head_argmax_nan_weight_rows(device):
+    # NaN logits in vocabulary rows 23 and 31 of every hidden row: torch.argmax returns
+    # the first NaN, 23, where a kernel that ignored NaN would return the real maximum.
+    hidden = torch.randn(2, 3, 16, device=device)
     weight = torch.randn(40, 16, device=device)
+    weight[23, 5] = weight[31, 0] = float("nan")
     greedy = ops.lm_head_argmax(hidden, weight)
+    assert torch.equal(greedy.cpu(), torch.full((2, 3), 23))
     assert torch.equal(greedy.cpu(), ops.lm_head_argmax_reference(hidden.cpu(), weight.cpu()))
 
 
@@ -204,11 +461,30 @@ def _attention_args(device, **change):
     return args
 
 
+def _tree_attention_args(device, **change):
+    args = _attention_args(device)
+    args["parents"] = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -1]], device=device)
+    args.update(change)
+    return args
+
+
+def _tree_verify_args(device, **change):
+    args = {"greedy": torch.zeros(2, 4, dtype=torch.int64, device=device),
+            "tokens": torch.zeros(2, 4, dtype=torch.int64, device=device),
+            "parents": torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -1]], device=device)}
+    args.update(change)
+    return args
+
+
 def _lm_head_args(device, **change):
     args = {"hidden": torch.randn(2, 3, 8, device=device),
             "weight": torch.randn(20, 8, device=device)}
     args.update(change)
     return args
+
+
+def _kv(*shape):
+    return {"k_cache": torch.randn(*shape), "v_cache": torch.randn(*shape)}
 
 
 BAD_INPUTS = [  # op, argument builder, changes, error, message fragment
@@ -226,9 +502,9 @@ BAD_INPUTS = [  # op, argument builder, changes, error, message fragment
      TypeError, "k_cache"),
     ("block_attention", _attention_args, {"v_cache": torch.randn(2, 2, 16, 20).transpose(2, 3)},
      ValueError, "v_cache"),
-    ("block_attention", _attention_args, {"k_cache": torch.randn(2, 3, 21, 16),
-                                          "v_cache": torch.randn(2, 3, 21, 16)},
-     ValueError, "multiple"),
+    ("block_attention", _attention_args, _kv(2, 3, 21, 16), ValueError, "multiple"),
+    ("block_attention", _attention_args, {"q": torch.randn(2, 0, 4, 16)}, ValueError, "multiple"),
+    ("block_attention", _attention_args, _kv(2, 0, 21, 16), ValueError, "multiple"),
     ("block_attention", _attention_args, {"cache_lens": torch.tensor([3, 18])},
      ValueError, "cache_lens"),
     ("block_attention", _attention_args, {"cache_lens": torch.tensor([-1, 3])},
@@ -237,23 +513,83 @@ BAD_INPUTS = [  # op, argument builder, changes, error, message fragment
      TypeError, "cache_lens"),
     ("block_attention", _attention_args, {"cache_lens": torch.tensor([3])},
      ValueError, "cache_lens"),
-    ("block_attention", _attention_args, {"q": torch.randn(2, 8, 4, 300),
-                                          "k_cache": torch.randn(2, 2, 21, 300),
-                                          "v_cache": torch.randn(2, 2, 21, 300)},
+    ("block_attention", _attention_args, {"q": torch.randn(2, 8, 4, 300), **_kv(2, 2, 21, 300)},
      ValueError, "D <= 256"),
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1]])},
+     ValueError, "parents"),
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1]] * 2).int()},
+     TypeError, "parents"),
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1], [-1, 1, 1, 1]])},
+     ValueError, "parents"),   # node 1 its own parent
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 3, 1], [-1, 0, 1, 2]])},
+     ValueError, "parents"),   # a parent after its child
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1], [-1, -2, 1, 2]])},
+     ValueError, "parents"),
+    ("tree_attention", _tree_attention_args, {"cache_lens": torch.tensor([3, 18])},
+     ValueError, "cache_lens"),
+    ("tree_attention", _tree_attention_args, {"q": torch.randn(2, 8, 65, 16), **_kv(2, 2, 80, 16),
+                                              "parents": torch.full((2, 65), -1)},
+     ValueError, "n <= 64"),
+    ("tree_attention", _tree_attention_args, {"q": torch.randn(2, 0, 4, 16)}, ValueError, "multiple"),
+    ("tree_verify", _tree_verify_args, {"tokens": torch.zeros(2, 5, dtype=torch.int64)},
+     ValueError, "tokens"),
+    ("tree_verify", _tree_verify_args, {"greedy": torch.zeros(2, 4)}, TypeError, "greedy"),
+    ("tree_verify", _tree_verify_args, {"parents": torch.tensor([[-1, 0, 0, 1], [-1, 0, 3, 2]])},
+     ValueError, "parents"),
+    ("tree_verify", _tree_verify_args, {"greedy": torch.zeros(2, 0, dtype=torch.int64),
+                                        "tokens": torch.zeros(2, 0, dtype=torch.int64),
+                                        "parents": torch.zeros(2, 0, dtype=torch.int64)},
+     ValueError, "n <= 64"),
     ("lm_head_argmax", _lm_head_args, {"weight": torch.randn(20, 9)}, ValueError, "weight"),
     ("lm_head_argmax", _lm_head_args, {"weight": torch.randn(20, 8).double()},
      TypeError, "weight"),
     ("lm_head_argmax", _lm_head_args, {"hidden": torch.randn(6, 8)}, ValueError, "hidden"),
 ]
+BAD_INPUT_IDS = [f"{case[0]}-{i}" for i, case in enumerate(BAD_INPUTS)]
 
 
-@pytest.mark.parametrize("op, make_args, change, error, fragment", BAD_INPUTS,
-                         ids=[f"{case[0]}-{i}" for i, case in enumerate(BAD_INPUTS)])
-def test_bad_inputs(op, make_args, change, error, fragment):
-    args = make_args("cpu", **change)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+@pytest.mark.parametrize("op, make_args, change, error, fragment", BAD_INPUTS, ids=BAD_INPUT_IDS)
+def test_bad_inputs(op, make_args, change, error, fragment, native, monkeypatch):
+    # Both paths must refuse; value checks run in C++ on one and in Python on the other.
+    if native and not ops.native_available():
+        pytest.skip("native extension not built")
+    if fragment in ("D <= 256", "n <= 64") and not ops.native_available():
+        pytest.skip("the kernels' limits are read from the extension")
+    monkeypatch.setattr(ops, "_native_kernels_enabled", native)
     with pytest.raises(error, match=fragment):
-        getattr(ops, op)(**args)
+        getattr(ops, op)(**make_args("cpu", **change))
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@pytest.mark.parametrize("op, make_args, change, error, fragment", BAD_INPUTS, ids=BAD_INPUT_IDS)
+def test_cpp_checks_reject_what_python_rejects(op, make_args, change, error, fragment):
+    # The C++ checks (csrc/checks.h) are the definition; called directly they must
+    # refuse every input the Python wrapper refuses, with the same error type.
+    args = list(make_args("cpu", **change).values())
+    if not all(isinstance(x, torch.Tensor) for x in args):
+        pytest.skip("not a tensor: the dispatcher refuses it before any check")
+    if "attention" in op:
+        args.append(1.0)  # scale
+    with pytest.raises(error, match=fragment):
+        getattr(torch.ops.cllm_rt, op)(*args)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@pytest.mark.parametrize("op, make_args, change", [
+    ("block_attention", _attention_args, {"cache_lens": torch.tensor([-1, 18])}),
+    ("tree_attention", _tree_attention_args, {"cache_lens": torch.tensor([3, 18])}),
+    ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 3, 1], [-1, -2, 1, 2]])}),
+    ("tree_verify", _tree_verify_args, {"parents": torch.tensor([[-1, 0, 0, 1], [-1, 0, 3, 2]])}),
+], ids=["block-lens", "tree-lens", "tree-parents", "verify-parents"])
+def test_value_errors_are_the_same_on_both_paths(op, make_args, change, monkeypatch):
+    messages = []
+    for native in (True, False):
+        monkeypatch.setattr(ops, "_native_kernels_enabled", native)
+        with pytest.raises(ValueError) as error:
+            getattr(ops, op)(**make_args("cpu", **change))
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
 
 
 def test_wrong_device_raises():
@@ -264,12 +600,14 @@ def test_wrong_device_raises():
 
 # ---------------------------------------------------------------- registration
 
-@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 def test_opcheck(device):
     logits = torch.randn(2, 3, 50, device=device)
     block = torch.randint(0, 50, (2, 3), device=device)
     q, k, v, lens = _attention_inputs(2, 4, 2, 3, 16, [4, 9], True, torch.float32, device)
+    parents = torch.tensor([[-1, 0, 0], [-1, 0, 1]], device=device)
     hidden, weight = torch.randn(2, 3, 8, device=device), torch.randn(30, 8, device=device)
     torch.library.opcheck(torch.ops.cllm_rt.jacobi_verify.default, (logits, block))
     torch.library.opcheck(torch.ops.cllm_rt.block_attention.default, (q, k, v, lens, 0.25))
+    torch.library.opcheck(torch.ops.cllm_rt.tree_attention.default, (q, k, v, lens, parents, 0.25))
+    torch.library.opcheck(torch.ops.cllm_rt.tree_verify.default, (block, block, parents))
     torch.library.opcheck(torch.ops.cllm_rt.lm_head_argmax.default, (hidden, weight))

@@ -8,27 +8,10 @@
 // never wins '>'), and a row that has one is rescanned for its first NaN.
 #pragma once
 
+#include "../common.h"  // ArgMax, merge_argmax: the rules the CUDA kernels use too
 #include "simd.h"
 
 namespace cllm_rt {
-
-template <typename acc_t>
-struct ArgMax {
-  acc_t value;
-  int64_t index;  // -1: empty
-  bool nan;
-};
-
-// The better of two partial results, as torch.argmax would choose: the first NaN,
-// else the larger value, else the smaller index. Order-independent, so per-thread
-// results can be merged in any order.
-template <typename acc_t>
-inline ArgMax<acc_t> merge_argmax(const ArgMax<acc_t>& a, const ArgMax<acc_t>& b) {
-  if (a.index < 0 || b.index < 0) return a.index < 0 ? b : a;
-  if (a.nan != b.nan) return a.nan ? a : b;
-  if (!a.nan && a.value != b.value) return a.value > b.value ? a : b;
-  return a.index < b.index ? a : b;
-}
 
 // Argmax of x[0..len) (elements widened to acc_t), indices reported + `offset`.
 template <typename scalar_t, typename acc_t>

@@ -1,5 +1,8 @@
-// block_attention on CPU: attention of a block of n new queries against a ragged
-// KV cache, causal inside the block, with grouped-query heads.
+// block_attention and tree_attention on CPU: attention of a block of n new queries
+// against a ragged KV cache, with grouped-query heads. The two ops differ only in which
+// of the block's own keys a query sees: block_attention is causal (query i sees block
+// keys j <= i), tree_attention sees node i's ancestors and itself (a 64-bit mask per
+// node). One kernel serves both; a tree that is a chain gives block_attention's result.
 //
 // FlashAttention-style single pass (Dao et al. 2022; the online softmax of Milakov &
 // Gimelshein 2018): keys and values are visited in tiles of kTile positions and the
@@ -33,27 +36,45 @@ namespace {
 
 constexpr int64_t kTile = 128;  // keys per tile
 
+// Which of the block's keys each of a task's Mq query rows sees. Causal (ancestors ==
+// nullptr): row r is query qi[r] and sees block key j iff j <= qi[r]. Tree: it sees
+// block key j iff bit j of ancestors[r] is set. Padding rows see every key (qi = +inf,
+// all bits set), so their statistics stay finite.
+template <typename acc_t>
+struct RowMask {
+  const acc_t* qi;
+  const uint64_t* ancestors;
+};
+
 // Folds one tile of transposed scores st [Tn x Mq] into the running softmax of the
 // Mq query rows: masks keys a row may not see, turns the scores into exp(s - max),
 // and leaves in alpha the factor by which each row's output so far must shrink.
-// Row r is query qi[r]; key row t is position t0 + t; a row sees positions
-// <= cache_len + qi, i.e. hides key t when qi < t0 + t - cache_len (padding rows
-// have qi = +inf and see everything).
+// Key row t is block key first_block_key + t (negative: a cache key, which every row
+// sees).
 template <typename acc_t>
-void online_softmax_tile(acc_t* st, int64_t Tn, int64_t Mq, int64_t first_hidden_offset,
-                         const acc_t* qi, acc_t* row_max, acc_t* row_sum, acc_t* alpha,
+void online_softmax_tile(acc_t* st, int64_t Tn, int64_t Mq, int64_t first_block_key,
+                         RowMask<acc_t> mask, acc_t* row_max, acc_t* row_sum, acc_t* alpha,
                          acc_t* tile_buf) {
   using V = simd::Vec<acc_t>;
   constexpr int kW = sizeof(V) / sizeof(acc_t);
-  const V neg_inf = simd::broadcast<V>(-std::numeric_limits<acc_t>::infinity());
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const V neg_inf = simd::broadcast<V>(kNegInf);
   for (int64_t r = 0; r < Mq; r += kW) simd::store(tile_buf + r, neg_inf);
   for (int64_t t = 0; t < Tn; ++t) {  // mask, and the tile's max per row
     acc_t* s = st + t * Mq;
-    const int64_t threshold = first_hidden_offset + t;
+    const int64_t j = first_block_key + t;
+    // A tree touches at most kMaxTreeNodes keys: a scalar bit test per row costs
+    // nothing next to the tile's products.
+    if (mask.ancestors != nullptr && j >= 0) {
+      for (int64_t r = 0; r < Mq; ++r) {
+        if (!(mask.ancestors[r] >> j & 1)) s[r] = kNegInf;
+      }
+    }
+    const bool causal_hides = mask.ancestors == nullptr && j > 0;  // j == 0 is seen by all
     for (int64_t r = 0; r < Mq; r += kW) {
       V v = simd::load<V>(s + r);
-      if (threshold > 0) {
-        v = simd::load<V>(qi + r) < static_cast<acc_t>(threshold) ? neg_inf : v;
+      if (causal_hides) {
+        v = simd::load<V>(mask.qi + r) < static_cast<acc_t>(j) ? neg_inf : v;
         simd::store(s + r, v);
       }
       simd::store(tile_buf + r, simd::max(simd::load<V>(tile_buf + r), v));
@@ -80,10 +101,12 @@ void online_softmax_tile(acc_t* st, int64_t Tn, int64_t Mq, int64_t first_hidden
   }
 }
 
+// ancestors: nullptr (causal), or [B * n] masks, bit j of ancestors[b * n + i] set iff
+// node i of row b sees block key j.
 template <typename scalar_t>
-void block_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const int64_t* cache_lens, double scale,
-                            at::Tensor& out) {
+void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const int64_t* cache_lens, const uint64_t* ancestors, double scale,
+                      at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
@@ -106,16 +129,19 @@ void block_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
     // or padded (float32 ones are read in the cache), output, row statistics.
     std::vector<acc_t> qt(D * Mq), st(kTile * Mq), kbuf(kTile * D), vbuf(kTile * Dp),
         obuf(Mq * Dp), qi(Mq), row_max(Mq), row_sum(Mq), alpha(Mq), tile_buf(Mq);
+    std::vector<uint64_t> row_ancestors(ancestors != nullptr ? Mq : 0);
+    const RowMask<acc_t> mask{qi.data(), ancestors != nullptr ? row_ancestors.data() : nullptr};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / num_parts, b = group / Hkv, kvh = group % Hkv;
       const int64_t first_row = task % num_parts * Mq, rows = std::min(Mq, M - first_row);
       const int64_t cache_len = cache_lens[b], L = cache_len + n;
       // Local row r is group row first_row + r: query (first_row + r) % n of head
-      // kvh*G + (first_row + r) / n. Padding rows see every key (qi = +inf).
+      // kvh*G + (first_row + r) / n. Padding rows see every key.
       std::fill(qt.begin(), qt.end(), acc_t(0));
       for (int64_t r = 0; r < Mq; ++r) {
         const int64_t row = first_row + r;
         qi[r] = r < rows ? acc_t(row % n) : std::numeric_limits<acc_t>::infinity();
+        if (ancestors != nullptr) row_ancestors[r] = r < rows ? ancestors[b * n + row % n] : ~0ull;
         if (r >= rows) continue;
         const scalar_t* src = qp + b * qs0 + (kvh * G + row / n) * qs1 + (row % n) * qs2;
         for (int64_t d = 0; d < D; ++d) {
@@ -132,7 +158,7 @@ void block_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
         const int64_t Tn = std::min(kTile, L - t0);
         const acc_t* k_tile = rows_as_acc(kv_k + t0 * D, Tn, D, kbuf.data(), D);
         gemm<acc_t, false>(Tn, Mq, D, k_tile, {D, 1}, qt.data(), Mq, st.data(), Mq);
-        online_softmax_tile(st.data(), Tn, Mq, t0 - cache_len, qi.data(), row_max.data(),
+        online_softmax_tile(st.data(), Tn, Mq, t0 - cache_len, mask, row_max.data(),
                             row_sum.data(), alpha.data(), tile_buf.data());
         for (int64_t r = 0; r < rows; ++r) {
           if (alpha[r] != acc_t(1)) {
@@ -155,29 +181,51 @@ void block_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
+// The value check shared by both ops, then the kernel; ancestors as in attention_kernel.
+at::Tensor attention_cpu(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                         const uint64_t* ancestors, double scale) {
+  const int64_t B = q.size(0), n = q.size(2);
+  check_cache_lens_values(op, cache_lens, n, k_cache.size(2));
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous [B, Hq, n, D]
+  if (B == 0) return out;
+  const at::Tensor lens = cache_lens.to(at::kLong).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu", [&] {
+    attention_kernel<scalar_t>(q, k_cache, v_cache, lens.const_data_ptr<int64_t>(), ancestors,
+                               scale, out);
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
                                double scale) {
-  check_block_attention(q, k_cache, v_cache, cache_lens);
-  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
-  const int64_t S_max = k_cache.size(2);
-  const at::Tensor lens = cache_lens.to(at::kLong).contiguous();
-  const int64_t* lp = lens.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 0 && lp[b] + n <= S_max,
-                "block_attention: need 0 <= cache_lens[b] and cache_lens[b] + n <= S_max");
-  }
-  at::Tensor out = at::empty({B, Hq, n, D}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                  "block_attention_cpu", [&] {
-                                    block_attention_kernel<scalar_t>(q, k_cache, v_cache, lp,
-                                                                     scale, out);
-                                  });
-  return out;
+  check_attention("block_attention", q, k_cache, v_cache, cache_lens);
+  return attention_cpu("block_attention", q, k_cache, v_cache, cache_lens, nullptr, scale);
 }
 
-TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) { m.impl("block_attention", &block_attention_cpu); }
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                              const at::Tensor& parents_in, double scale) {
+  check_tree_attention(q, k_cache, v_cache, cache_lens, parents_in);
+  check_parents_values("tree_attention", parents_in);
+  const int64_t B = q.size(0), n = q.size(2);
+  // Topological order makes one forward pass enough: a parent's mask is final first.
+  const at::Tensor parents = parents_in.contiguous();
+  const int64_t* p = parents.const_data_ptr<int64_t>();
+  std::vector<uint64_t> ancestors(B * n);
+  for (int64_t node = 0; node < B * n; ++node) {
+    const int64_t i = node % n, parent = p[node];
+    ancestors[node] = (uint64_t(1) << i) | (parent >= 0 ? ancestors[node - i + parent] : 0);
+  }
+  return attention_cpu("tree_attention", q, k_cache, v_cache, cache_lens, ancestors.data(), scale);
+}
+
+TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) {
+  m.impl("block_attention", &block_attention_cpu);
+  m.impl("tree_attention", &tree_attention_cpu);
+}
 
 }  // namespace cllm_rt

@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels: element types, 16-byte packs, dtype
-// dispatch, and the argmax reduction with torch.argmax's tie and NaN rules.
+// dispatch, and warp/block reductions of argmax with torch.argmax's tie and NaN rules
+// (the rules themselves live in ../common.h, shared with the CPU kernels).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "../common.h"  // ArgMax, merge_argmax, RunningArgMax: the CPU kernels' rules too
 #include "kernels.h"
 
 namespace cllm_rt::cuda {
@@ -78,26 +80,6 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// A partial argmax; index < 0 means "nothing seen".
-template <typename acc_t>
-struct ArgMax {
-  acc_t value;
-  int64_t index;
-  bool nan;
-};
-
-// The better of two partial results as torch.argmax would pick it: the first NaN,
-// else the larger value, else the smaller index. Order-independent, so any
-// reduction tree gives torch's answer.
-template <typename acc_t>
-__device__ __forceinline__ ArgMax<acc_t> merge_argmax(const ArgMax<acc_t>& a,
-                                                      const ArgMax<acc_t>& b) {
-  if (a.index < 0 || b.index < 0) return a.index < 0 ? b : a;
-  if (a.nan != b.nan) return a.nan ? a : b;
-  if (!a.nan && a.value != b.value) return a.value > b.value ? a : b;
-  return a.index < b.index ? a : b;
-}
-
 template <typename acc_t>
 __device__ __forceinline__ ArgMax<acc_t> warp_reduce_argmax(ArgMax<acc_t> x) {
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -125,26 +107,5 @@ __device__ __forceinline__ ArgMax<acc_t> block_reduce_argmax(ArgMax<acc_t> x) {
   }
   return x;
 }
-
-// Running argmax of one thread over elements visited in increasing index order:
-// strict '>' keeps the first maximum, and the first NaN is remembered apart.
-template <typename acc_t>
-struct ThreadArgMax {
-  acc_t value = acc_t(0);
-  int64_t index = -1;
-  int64_t nan_index = -1;
-
-  __device__ __forceinline__ void push(acc_t v, int64_t i) {
-    if (v > value || index < 0) {
-      value = v;
-      index = i;
-    }
-    if (v != v && nan_index < 0) nan_index = i;
-  }
-  __device__ __forceinline__ ArgMax<acc_t> result() const {
-    if (nan_index >= 0) return {value, nan_index, true};
-    return {value, index, false};
-  }
-};
 
 }  // namespace cllm_rt::cuda

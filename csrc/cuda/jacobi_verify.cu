@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t packs = (V - head) / kPack;
   const int64_t tail = head + packs * kPack;
 
-  ThreadArgMax<acc_t> mine;
+  RunningArgMax<acc_t> mine;
   for (int64_t j = threadIdx.x; j < head; j += kThreads) mine.push(to_acc(x[j]), j);
   const T* body = x + head;
   for (int64_t p = threadIdx.x; p < packs; p += kThreads) {

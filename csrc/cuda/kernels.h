@@ -8,6 +8,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
+
+#include "attention_plan.h"
 
 namespace cllm_rt::cuda {
 
@@ -21,20 +24,46 @@ cudaError_t jacobi_verify(const void* logits, DType dtype, int64_t B, int64_t n,
                           int64_t* accepted, cudaStream_t stream);
 
 // Split-KV ("flash-decoding") attention of q [B, Hq, n, D] (strides qs[4]) against
-// contiguous k/v caches [B, Hkv, S_max, D], query i of row b seeing keys
-// 0 .. cache_lens[b] + i, out [B, Hq, n, D] contiguous. cache_lens (int32 or int64,
-// lens_is_int64) is clamped to [0, S_max - n] on the device, never read by the host.
-// The workspace holds each split's partial output and softmax statistics.
-struct BlockAttentionShape {
+// contiguous k/v caches [B, Hkv, S_max, D], out [B, Hq, n, D] contiguous. Query i of
+// row b sees cache positions 0 .. cache_lens[b] - 1 and, of the block's positions
+// cache_lens[b] + j, those with j <= i (parents == nullptr: block_attention) or j an
+// ancestor of i or i itself (parents [B, n], tree_attention). cache_lens (int32 or
+// int64, lens_is_int64) and parents must hold checked values (the host does it);
+// the kernel clamps lengths and bounds ancestor walks so that no value reads outside
+// the caches.
+struct AttentionShape {
   int64_t B, Hq, Hkv, n, D, S_max;
   int64_t qs[4];
 };
-int block_attention_num_splits(const BlockAttentionShape& shape, int device);
-size_t block_attention_workspace_bytes(const BlockAttentionShape& shape, int num_splits);
-cudaError_t block_attention(const void* q, const void* k_cache, const void* v_cache,
-                            const void* cache_lens, bool lens_is_int64, DType dtype,
-                            const BlockAttentionShape& shape, double scale, int num_splits,
-                            void* workspace, void* out, cudaStream_t stream);
+
+// How one call runs: the shared-memory plan for the device, the key splits and the
+// grid. longest = max_b cache_lens[b] + n, the last key any query sees.
+struct AttentionLaunch {
+  AttentionPlan plan;
+  int64_t smem_limit;  // the device's opt-in maximum, or CLLM_RT_CUDA_SMEM_LIMIT if lower
+  int num_splits;
+  int64_t chunk;       // keys per split, a multiple of kKeyTile
+  int64_t row_blocks;  // thread blocks per (b, kv head) along the query rows
+};
+
+// Fills launch; returns "" or why the call cannot run on this device (a sentence).
+std::string plan_attention_launch(const AttentionShape& shape, DType dtype, bool tree,
+                                  int64_t longest, int device, AttentionLaunch* launch);
+// Bytes of the splits' partial results: 0 when there is one split (no combine pass).
+size_t attention_workspace_bytes(const AttentionShape& shape, DType dtype,
+                                 const AttentionLaunch& launch);
+cudaError_t attention(const void* q, const void* k_cache, const void* v_cache,
+                      const void* cache_lens, bool lens_is_int64, const int64_t* parents,
+                      DType dtype, const AttentionShape& shape, double scale,
+                      const AttentionLaunch& launch, void* workspace, void* out,
+                      cudaStream_t stream);
+
+// Token-tree verification (tree_verify in cllm_rt/ops.py): for each of the B rows of
+// int64 [B, n] greedy, tokens, parents (checked values), the deepest confirmed node
+// (node), depth + 1 (accepted) and its path from the root, -1 after (path [B, n]).
+cudaError_t tree_verify(const int64_t* greedy, const int64_t* tokens, const int64_t* parents,
+                        int64_t B, int64_t n, int64_t* accepted, int64_t* node, int64_t* path,
+                        cudaStream_t stream);
 
 // out[r] = argmax_v sum_k hidden[r*d + k] * weight[v*d + k] for r < R, accumulated in
 // float32 (float64 for kFloat64); both operands contiguous.

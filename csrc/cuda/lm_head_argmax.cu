@@ -6,6 +6,8 @@
 // dim with 16-byte loads, and a warp sum gives the logit; lane j keeps row j's
 // running argmax. The warps' results merge into one partial per (tile, row).
 // Pass 2: one thread block per row merges the tiles' partials.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace cllm_rt::cuda {
@@ -21,15 +23,16 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     logits_tile_argmax_kernel(const T* __restrict__ hidden, const T* __restrict__ weight,
                               int64_t R, int64_t d, int64_t V, bool vectorized,
-                              ArgMax<Acc<T>>* partial) {
+                              int64_t first_row, ArgMax<Acc<T>>* partial) {
   using acc_t = Acc<T>;
   constexpr int kPack = Pack16<T>::kSize;
   __shared__ ArgMax<acc_t> warp_best[kWarps][kRowsPerBlock];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t r0 = blockIdx.y * kRowsPerBlock, v0 = blockIdx.x * kVocabPerBlock;
+  const int64_t r0 = first_row + blockIdx.y * int64_t(kRowsPerBlock);
+  const int64_t v0 = blockIdx.x * int64_t(kVocabPerBlock);
   const int64_t rows = min(int64_t(kRowsPerBlock), R - r0);
 
-  ThreadArgMax<acc_t> mine;  // lane j < rows: row r0 + j over this warp's weight rows
+  RunningArgMax<acc_t> mine;  // lane j < rows: row r0 + j over this warp's weight rows
   for (int64_t v = v0 + warp; v < min(V, v0 + kVocabPerBlock); v += kWarps) {
     const T* w = weight + v * d;
     acc_t dot[kRowsPerBlock] = {};
@@ -99,10 +102,15 @@ cudaError_t lm_head_argmax(const void* hidden, const void* weight, DType dtype, 
     const bool vectorized = d * sizeof(T) % 16 == 0 && aligned16(h) && aligned16(w);
     auto* partial = static_cast<ArgMax<acc_t>*>(workspace);
     const int64_t tiles = ceil_div(V, kVocabPerBlock);
-    logits_tile_argmax_kernel<T><<<dim3(tiles, ceil_div(R, kRowsPerBlock)), kThreads, 0, stream>>>(
-        h, w, R, d, V, vectorized, partial);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    // grid.y holds at most 65535 row tiles: launch as many grids as R needs.
+    constexpr int64_t kRowsPerGrid = 65535 * int64_t(kRowsPerBlock);
+    for (int64_t first_row = 0; first_row < R; first_row += kRowsPerGrid) {
+      const int64_t row_tiles = ceil_div(std::min(kRowsPerGrid, R - first_row), kRowsPerBlock);
+      logits_tile_argmax_kernel<T><<<dim3(tiles, row_tiles), kThreads, 0, stream>>>(
+          h, w, R, d, V, vectorized, first_row, partial);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
     merge_tiles_kernel<acc_t><<<R, kReduceThreads, 0, stream>>>(partial, R, tiles, out);
     return cudaGetLastError();
   });

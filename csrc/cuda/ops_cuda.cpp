@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "../checks.h"
 #include "kernels.h"
 
@@ -55,27 +57,65 @@ std::tuple<at::Tensor, at::Tensor> jacobi_verify_cuda(const at::Tensor& logits,
   return {greedy, accepted};
 }
 
-at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                const at::Tensor& v_cache, const at::Tensor& cache_lens_in,
-                                double scale) {
-  check_block_attention(q, k_cache, v_cache, cache_lens_in);
-  check_cuda(q, "block_attention");
+// Both attention ops: ancestors come from parents (undefined: causal).
+at::Tensor attention_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& cache_lens_in,
+                          const at::Tensor& parents, double scale) {
+  check_cuda(q, op);
   const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t longest = check_cache_lens_values(op, cache_lens_in, q.size(2), k_cache.size(2)) +
+                          q.size(2);
   const at::Tensor cache_lens = cache_lens_in.contiguous();
-  cuda::BlockAttentionShape shape{q.size(0), q.size(1), k_cache.size(1), q.size(2), q.size(3),
-                                  k_cache.size(2), {q.stride(0), q.stride(1), q.stride(2),
-                                                    q.stride(3)}};
-  const int splits = cuda::block_attention_num_splits(shape, q.get_device());
-  const at::Tensor space = workspace(cuda::block_attention_workspace_bytes(shape, splits), q);
+  const cuda::AttentionShape shape{q.size(0), q.size(1), k_cache.size(1), q.size(2), q.size(3),
+                                   k_cache.size(2), {q.stride(0), q.stride(1), q.stride(2),
+                                                     q.stride(3)}};
+  const cuda::DType dtype = kernel_dtype(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous [B, Hq, n, D]
-  check_launch(cuda::block_attention(q.const_data_ptr(), k_cache.const_data_ptr(),
-                                     v_cache.const_data_ptr(), cache_lens.const_data_ptr(),
-                                     cache_lens.scalar_type() == at::kLong,
-                                     kernel_dtype(q.scalar_type()), shape, scale, splits,
-                                     space.data_ptr(), out.data_ptr(),
-                                     c10::cuda::getCurrentCUDAStream()),
-               "block_attention");
+  if (shape.B == 0) return out;
+  cuda::AttentionLaunch launch{};
+  const std::string refused = cuda::plan_attention_launch(shape, dtype, parents.defined(), longest,
+                                                          q.get_device(), &launch);
+  TORCH_CHECK_VALUE(refused.empty(), op, ": ", refused);
+  const at::Tensor space = workspace(cuda::attention_workspace_bytes(shape, dtype, launch), q);
+  check_launch(cuda::attention(q.const_data_ptr(), k_cache.const_data_ptr(), v_cache.const_data_ptr(),
+                               cache_lens.const_data_ptr(), cache_lens.scalar_type() == at::kLong,
+                               parents.defined() ? parents.const_data_ptr<int64_t>() : nullptr,
+                               dtype, shape, scale, launch, space.data_ptr(), out.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream()),
+               op);
   return out;
+}
+
+at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                double scale) {
+  check_attention("block_attention", q, k_cache, v_cache, cache_lens);
+  return attention_cuda("block_attention", q, k_cache, v_cache, cache_lens, at::Tensor(), scale);
+}
+
+at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                               const at::Tensor& parents, double scale) {
+  check_tree_attention(q, k_cache, v_cache, cache_lens, parents);
+  check_parents_values("tree_attention", parents);
+  return attention_cuda("tree_attention", q, k_cache, v_cache, cache_lens, parents.contiguous(),
+                        scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(const at::Tensor& greedy,
+                                                               const at::Tensor& tokens,
+                                                               const at::Tensor& parents) {
+  const TreeVerifyArgs args = prepare_tree_verify(greedy, tokens, parents);
+  check_cuda(greedy, "tree_verify");
+  const c10::cuda::CUDAGuard guard(greedy.device());
+  check_launch(cuda::tree_verify(args.greedy.const_data_ptr<int64_t>(),
+                                 args.tokens.const_data_ptr<int64_t>(),
+                                 args.parents.const_data_ptr<int64_t>(), greedy.size(0),
+                                 greedy.size(1), args.accepted.data_ptr<int64_t>(),
+                                 args.node.data_ptr<int64_t>(), args.path.data_ptr<int64_t>(),
+                                 c10::cuda::getCurrentCUDAStream()),
+               "tree_verify");
+  return {args.accepted, args.node, args.path};
 }
 
 at::Tensor lm_head_argmax_cuda(const at::Tensor& hidden_in, const at::Tensor& weight_in) {
@@ -97,6 +137,8 @@ at::Tensor lm_head_argmax_cuda(const at::Tensor& hidden_in, const at::Tensor& we
 TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("jacobi_verify", &jacobi_verify_cuda);
   m.impl("block_attention", &block_attention_cuda);
+  m.impl("tree_attention", &tree_attention_cuda);
+  m.impl("tree_verify", &tree_verify_cuda);
   m.impl("lm_head_argmax", &lm_head_argmax_cuda);
 }
 
