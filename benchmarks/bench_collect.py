@@ -29,7 +29,7 @@ def recompute_trajectories(model, prompts, seeds, *, block_size, max_new_tokens,
     builders = []
     for prompt, seed in zip(prompts, seeds):
         tokens = torch.tensor(prompt)
-        builder = TrajectoryBuilder(tokens, seed, block_size, max_new_tokens, eos)
+        builder = TrajectoryBuilder(prompt, seed, block_size, max_new_tokens, eos)
         builder.start(int(model(tokens[None]).logits[0, -1].argmax()))
         while not builder.finished:
             context = prompt + builder.answer  # everything final so far, the last final token included

@@ -121,7 +121,7 @@ def main():
     torch.set_num_threads(args.threads)
     random.seed(0)
     if args.reference_ops:
-        ops.use_native(False)
+        ops.use_native_kernels(False)
     cases = [("llama-7M", torch.float32, 1, 128, 64, 3)] if args.quick else [
         ("llama-7M", torch.float32, 1, 256, 128, 5), ("llama-7M", torch.bfloat16, 1, 256, 128, 5),
         ("llama-7M", torch.float32, 4, 256, 128, 3), ("llama-58M", torch.float32, 1, 256, 128, 3)]

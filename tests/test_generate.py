@@ -30,16 +30,17 @@ def _hf_reference(arch, batch_case, max_new_tokens=MAX_NEW, eos=None):
     return ids, mask, out
 
 
+@pytest.mark.parametrize("drafts", ["auto", None])
 @pytest.mark.parametrize("batch_case", sorted(PROMPT_LENGTHS))
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_matches_hf_generate(arch, block_size, batch_case):
+def test_matches_hf_generate(arch, block_size, batch_case, drafts):
     ids, mask, expected = _hf_reference(arch, batch_case)
     out = cllm_rt.generate(_model(arch), ids, mask, max_new_tokens=MAX_NEW, block_size=block_size,
-                           pad_token_id=0)
+                           pad_token_id=0, drafts=drafts)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
     assert out.stats.new_tokens == [MAX_NEW] * ids.shape[0]
-    assert 1.0 <= out.stats.tokens_per_forward <= block_size
+    assert 1.0 <= out.stats.tokens_per_forward <= (block_size if drafts is None else 64)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
@@ -97,7 +98,7 @@ def test_pad_absent_or_none_as_in_hf():
 
 
 def test_greedy_generation_config_decodes_the_plain_argmax():
-    from cllm_rt.runtime.decoding import greedy_generation_config
+    from cllm_rt.runtime.inputs import greedy_generation_config
 
     model = tiny_model("llama")
     ids, mask, expected = _hf_reference("llama", "single")
@@ -127,12 +128,13 @@ def test_max_new_tokens_one_is_prefill_only():
     assert out.stats.forward_passes == 0
 
 
-def test_autoregressive_stats_and_jacobi_never_needs_more_forwards():
+@pytest.mark.parametrize("drafts", ["auto", None])
+def test_autoregressive_stats_and_jacobi_never_needs_more_forwards(drafts):
     ids, mask, _ = _hf_reference("llama", "single")
-    ar = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=1)
-    assert ar.stats.tokens_per_forward == 1.0
+    ar = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=1, drafts=None)
+    assert ar.stats.tokens_per_forward == 1.0 and ar.stats.budgets == {1: MAX_NEW - 1}
     assert ar.stats.forward_passes == MAX_NEW - 1  # the first token comes from the prefill
-    jacobi = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=16)
+    jacobi = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=16, drafts=drafts)
     assert jacobi.stats.forward_passes <= ar.stats.forward_passes
     assert sum(k * c for k, c in enumerate(jacobi.stats.accepted_histogram)) == MAX_NEW - 1
 
@@ -286,9 +288,9 @@ def test_nan_model_output_raises():
 
 def test_reference_ops_give_the_same_output():
     ids, mask, expected = _hf_reference("llama", "ragged")
-    cllm_rt.ops.use_native(False)
+    cllm_rt.ops.use_native_kernels(False)
     try:
         out = cllm_rt.generate(_model("llama"), ids, mask, max_new_tokens=MAX_NEW, block_size=16)
     finally:
-        cllm_rt.ops.use_native(True)
+        cllm_rt.ops.use_native_kernels(True)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)

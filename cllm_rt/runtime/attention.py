@@ -5,7 +5,8 @@ transformers looks attention functions up by name in ``AttentionInterface``; we 
 
 No mask function is registered on purpose: when an implementation has none, transformers skips mask
 construction altogether (``attention_mask=None``), and ``block_attention`` derives the exact mask itself
-from the per-row cache lengths (query i of row b sees keys ``0 … lengths[b]+i``). That both saves building a
+from the per-row cache lengths (query i of row b sees keys ``0 … lengths[b]+i``; in a token tree, the cache
+and the block positions of its ancestors and itself, ``tree_attention``). That both saves building a
 ``[B, 1, n, S_max]`` mask every forward and removes any chance of SDPA's top-left ``is_causal`` alignment.
 """
 
@@ -20,6 +21,7 @@ from .. import ops
 
 ATTN_IMPLEMENTATION = "cllm_rt"
 CACHE_LENGTHS_KWARG = "cllm_rt_cache_lengths"
+TREE_PARENTS_KWARG = "cllm_rt_tree_parents"  # absent for a chain block
 
 
 def _block_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -30,7 +32,11 @@ def _block_attention_forward(module, query, key, value, attention_mask, scaling=
         raise RuntimeError("the cllm_rt attention only runs inside cllm_rt decoding (it needs per-row cache lengths)")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by cllm_rt.ops.block_attention")
-    out = ops.block_attention(query, key, value, lengths, scale=scaling)  # [B, Hq, n, D]
+    parents = kwargs.get(TREE_PARENTS_KWARG)
+    if parents is None:
+        out = ops.block_attention(query, key, value, lengths, scale=scaling)  # [B, Hq, n, D]
+    else:
+        out = ops.tree_attention(query, key, value, lengths, parents, scale=scaling)
     return out.transpose(1, 2), None  # HF expects [B, n, Hq, D]
 
 

@@ -4,7 +4,8 @@ Each layer owns two static buffers ``[B, Hkv, S_max, D]``. Row ``b`` holds ``len
 a forward over an n-token block writes the block's keys/values at ``lengths[b] … lengths[b]+n-1`` of every
 row (rows are ragged: no padding lives in the cache). Committing the accepted prefix is ``lengths += accepted``;
 the rejected tail is *not* erased, it is simply past ``lengths`` and gets overwritten by the next block, so
-rollback is O(1) bookkeeping (the same trick as gpt-fast's static cache).
+rollback is O(1) bookkeeping (the same trick as gpt-fast's static cache). A verified token-tree path whose
+nodes are not the block's first positions is first copied into place (``commit_paths``).
 
 The cache implements transformers' ``Cache`` interface, so unmodified Hugging Face attention layers call
 ``cache.update(k, v, layer_idx)``; the attention function registered in :mod:`cllm_rt.runtime.attention` then runs
@@ -61,6 +62,23 @@ class JacobiCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.max_len
 
+    def move(self, rows: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the keys/values at ``source`` positions to ``target`` positions (1-D, one per move)."""
+        if self.is_initialized:
+            # advanced indexing reads every source before any target is written
+            self.keys[rows, :, target] = self.keys[rows, :, source]
+            self.values[rows, :, target] = self.values[rows, :, source]
+
+    def extend(self, other: "JacobiCacheLayer") -> None:
+        """Append ``other``'s rows (same heads and dtype; positions padded to the owner's ``max_len``)."""
+        def grow(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            pad = self.owner.max_len - theirs.shape[2]
+            theirs = torch.nn.functional.pad(theirs, (0, 0, 0, pad)) if pad else theirs
+            mine = torch.nn.functional.pad(mine, (0, 0, 0, self.owner.max_len - mine.shape[2]))
+            return torch.cat([mine, theirs], 0)
+
+        self.keys, self.values = grow(self.keys, other.keys), grow(self.values, other.values)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys = self.keys.index_select(0, rows)
@@ -106,6 +124,30 @@ class JacobiCache(Cache):
         """Keep the first ``accepted[b]`` tokens of the last block in row b; the rest is dropped in O(1)."""
         self.lengths = self.lengths + accepted
         self.lengths_host = [length + a for length, a in zip(self.lengths_host, accepted_host)]
+
+    def commit_paths(self, paths: list[list[int]], accepted: torch.Tensor) -> None:
+        """Keep, per row b, the last block's nodes ``paths[b]`` (node indices, root first) as its next
+        ``len(paths[b])`` tokens: an accepted token-tree path. Nodes already in place (a chain's prefix, or the
+        best branch that the tree's depth-first order puts first) cost nothing; the others are copied into
+        place, O(accepted tokens) per layer, and the rest of the block is dropped in O(1) as in ``commit``."""
+        moves = [(b, self.lengths_host[b] + node, self.lengths_host[b] + k)
+                 for b, path in enumerate(paths) for k, node in enumerate(path) if node != k]
+        if moves:
+            rows, source, target = torch.tensor(moves, device=self.lengths.device).unbind(1)
+            for layer in self.layers:
+                layer.move(rows, source, target)
+        self.commit(accepted, [len(path) for path in paths])
+
+    def extend(self, other: "JacobiCache") -> "JacobiCache":
+        """Append ``other``'s rows (prefilled elsewhere: requests joining a running batch); returns self."""
+        if len(other.layers) != len(self.layers):
+            raise ValueError(f"cannot merge caches of {len(self.layers)} and {len(other.layers)} layers")
+        self.max_len = max(self.max_len, other.max_len)
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.extend(theirs)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.lengths_host = self.lengths_host + other.lengths_host
+        return self
 
     def select_rows(self, rows: torch.Tensor, rows_host: list[int]) -> None:
         """Keep only the given batch rows (finished rows stop costing memory traffic and compute)."""

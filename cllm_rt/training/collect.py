@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from ..runtime.attention import jacobi_attention
 from ..runtime.cache import JacobiCache
-from ..runtime.decoding import (NOT_GIVEN, PromptGuesses, check_model, check_positions, jacobi_step, prefill,
-                                raise_on_nan, resolve_special_tokens)
+from ..runtime.inputs import NOT_GIVEN, check_model, check_positions, raise_on_nan, resolve_special_tokens
+from ..runtime.step import PromptGuesses, jacobi_step, prefill
 from . import storage
 from .distributed import Processes, torchrun_processes
 from .storage import BlockTrajectory, PromptTrajectories
@@ -57,9 +57,8 @@ class TrajectoryBuilder:
     in how they compute ``greedy``; everything the paper's algorithm decides lives here.
     """
 
-    def __init__(self, prompt: torch.Tensor, seed: int, block_size: int, max_new_tokens: int, eos: set[int]):
-        # prompt: [L] token ids on the model's device
-        self.guesses = PromptGuesses(prompt[None], torch.tensor([prompt.numel()], device=prompt.device), seed)
+    def __init__(self, prompt: list[int], seed: int, block_size: int, max_new_tokens: int, eos: set[int]):
+        self.guesses = PromptGuesses(prompt, seed)
         self.block_size, self.max_new_tokens, self.eos = block_size, max_new_tokens, eos
         self.answer: list[int] = []
         self.blocks: list[BlockTrajectory] = []
@@ -100,7 +99,7 @@ class TrajectoryBuilder:
         return True
 
     def _open_block(self) -> None:
-        self.states = [self.guesses.draw(self.block_size)[0].tolist()]
+        self.states = [self.guesses.draw(self.block_size)]
 
 
 def blocks_needed(block_size: int, max_new_tokens: int) -> int:
@@ -120,8 +119,7 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
     decoded = blocks_needed(block_size, max_new_tokens) * block_size
     check_positions(model, tokens.shape[1], 1 + decoded)
     cache = JacobiCache(model.config.num_hidden_layers, torch.zeros_like(lengths), max_len=tokens.shape[1] + decoded)
-    builders = [TrajectoryBuilder(tokens[row, :len(p)], seed, block_size, max_new_tokens, eos)
-                for row, (p, seed) in enumerate(zip(prompts, seeds))]
+    builders = [TrajectoryBuilder(p, seed, block_size, max_new_tokens, eos) for p, seed in zip(prompts, seeds)]
 
     with jacobi_attention(model):
         for builder, first in zip(builders, prefill(model, cache, tokens, lengths).tolist()):

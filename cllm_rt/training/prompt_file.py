@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from ..models import load_model
-from ..runtime.decoding import NOT_GIVEN
+from ..runtime.inputs import NOT_GIVEN
 from .collect import CollectSettings, Prompt, collect
 from .distributed import torchrun_processes
 

@@ -1,0 +1,86 @@
+"""How many draft nodes to verify per step: the budget that maximises expected tokens per second.
+
+A decode step's time grows with the tokens it verifies (batch rows times nodes per row) from the cost of
+streaming the weights once; how fast depends on the machine: a 16-token forward of SmolLM2-135M costs
+1.2-1.5x one token on a Zen 4 CPU with AVX512-BF16, about 2-3x in bfloat16 on an AVX-512 CPU without it,
+about 1x on a GPU at 7B — so the same code must verify small trees on one and large ones on another. The
+cost is learnt online from the steps' own wall times (recent ones, so it follows a machine that gets
+busy) and shared by every ``generate`` call on the same model.
+
+Given each row's scored tree (:class:`cllm_rt.runtime.drafts.DraftTree`), a budget of ``n`` nodes per
+row yields ``sum over rows of (1 + the n-1 best scores)`` expected tokens; the budget chosen maximises
+that divided by the predicted step time. Drafts that stop being accepted lower their scores (the
+calibration learns it) until the best budget is 1 node: plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+# Budgets considered (nodes per row, root included); a step's trees are cut to the chosen one.
+BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class StepCost:
+    """Seconds per step as a function of the tokens it verifies, from the medians of recent steps.
+
+    Medians, not a least-squares line: on a shared machine a few steps run several times slower (a
+    neighbour took the core), and a fit through them would misprice every budget. A size never measured
+    is priced from its nearest measured neighbours (linear between two, the prior slope beyond one).
+    """
+
+    PRIOR_SLOPE = 0.02  # extra cost per token, relative to a one-token step, before anything is measured
+    WINDOW = 16  # recent steps kept per size
+
+    def __init__(self):
+        self._samples: dict[int, deque] = {}
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._samples.setdefault(tokens, deque(maxlen=self.WINDOW)).append(seconds)
+
+    def sample_counts(self) -> dict[int, int]:
+        return {t: len(s) for t, s in self._samples.items()}
+
+    def measured(self) -> dict[int, float]:
+        """Median seconds per measured step size."""
+        return {t: statistics.median(s) for t, s in sorted(self._samples.items())}
+
+    def predict(self, tokens: int) -> float:
+        known = self.measured()
+        if tokens in known:
+            return known[tokens]
+        below = max((t for t in known if t < tokens), default=None)
+        above = min((t for t in known if t > tokens), default=None)
+        if below is not None and above is not None:
+            w = (tokens - below) / (above - below)
+            return (1 - w) * known[below] + w * known[above]
+        nearest = below if below is not None else above
+        if nearest is None:
+            return 1.0 + self.PRIOR_SLOPE * tokens
+        return known[nearest] * (1 + self.PRIOR_SLOPE * tokens) / (1 + self.PRIOR_SLOPE * nearest)
+
+
+def choose_budget(cost: StepCost, tree_scores: list[list[float]], max_nodes: int, explore: bool = False) -> int:
+    """The nodes per row (root included) that maximise expected tokens per second for these trees.
+
+    ``tree_scores[r]``: row r's node scores, root excluded, best first. ``explore``: return instead the next
+    larger budget whose step size has fewer than 3 measurements, if the trees fill it, so a prior that
+    underprices large steps (a GPU) or overprices them is corrected by measuring rather than kept forever.
+    """
+    prefix = []  # prefix[r][k]: expected tokens of row r with its k best nodes
+    for scores in tree_scores:
+        acc, sums = 1.0, [1.0]
+        for s in scores:
+            acc += s
+            sums.append(acc)
+        prefix.append(sums)
+    largest = min(max_nodes, max((len(s) for s in tree_scores), default=0) + 1)
+    candidates = [b for b in BUDGETS if b < largest] + [largest]
+    rows = len(tree_scores)
+    rates = {b: sum(p[min(b - 1, len(p) - 1)] for p in prefix) / cost.predict(b * rows) for b in candidates}
+    best = max(candidates, key=lambda b: (rates[b], -b))
+    if explore:
+        sampled = cost.sample_counts()
+        return next((b for b in candidates if b > best and sampled.get(b * rows, 0) < 3), best)
+    return best

@@ -1,0 +1,256 @@
+"""Draft tokens: what the next tokens of a row probably are, merged into one token tree per step.
+
+Every draft is only a guess: the tree is verified in one forward and only tokens equal to the model's own
+greedy predictions are committed, so no source can change the output, only the speed. Sources:
+
+  ``context``  the longest suffix of the row's own tokens (prompt + output so far) that occurred earlier,
+               continued — prompt lookup generalised: every recent earlier occurrence (up to
+               ``max_matches``) is continued, and the continuations merge into a trie whose counts score
+               each branch (as in SuffixDecoding, Oliaro et al. 2024).
+  ``corpus``   the same lookup over other sequences: earlier outputs of this process and any texts the
+               caller adds (e.g. a target's collected fixed points), bounded, oldest evicted first.
+  ``jacobi``   the previous step's greedy predictions past the accepted token, i.e. Jacobi decoding's next
+               iterate (recycled from the tree's rejected branch): what a CLLM is trained to make right.
+
+Scores: a node's score estimates the probability that it is accepted, ``score(parent) * min(1, c * f)``,
+where ``f`` is the fraction of the parent's matches that continue with this token (1 for the Jacobi
+chain) and ``c`` a per-(source, depth) calibration learnt online from which proposals the model accepted
+(:class:`AcceptanceStats`). The expected tokens of a tree are then ``1 + sum of its nodes' scores`` (the
+root's successor is always final), which is what :mod:`cllm_rt.runtime.cost` trades against time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCES = ("jacobi", "context", "corpus")
+
+
+class NgramIndex:
+    """Where every n-gram (n = 1..max_n) of a growing token sequence ends, to continue a suffix quickly.
+
+    Appending a token costs ``max_n`` dictionary updates; a lookup of the current suffix costs at most
+    ``max_n`` dictionary reads. (A suffix tree would find arbitrarily long matches; beyond a few tokens a
+    longer match rarely changes the continuation, and this stays a dozen lines.)
+    """
+
+    def __init__(self, max_n: int = 8):
+        self.max_n = max_n
+        self.tokens: list[int] = []
+        self.ends: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens)
+            for n in range(1, min(self.max_n, end) + 1):
+                self.ends.setdefault(tuple(self.tokens[end - n:end]), []).append(end)
+
+    def continuations(self, suffix: list[int], depth: int, max_matches: int,
+                      min_n: int = 1) -> tuple[int, list[list[int]]]:
+        """The longest tail of ``suffix`` (``min_n`` tokens at least) that occurs here and ends before this
+        sequence's end, as (its length, up to ``max_matches`` continuations of ``depth`` tokens at most, most
+        recent occurrence first); (0, []) when there is none."""
+        for n in range(min(self.max_n, len(suffix)), min_n - 1, -1):
+            ends = self.ends.get(tuple(suffix[len(suffix) - n:]))
+            if not ends:
+                continue
+            found = [self.tokens[e:e + depth] for e in reversed(ends) if e < len(self.tokens)][:max_matches]
+            found = [c for c in found if c]
+            if found:
+                return n, found
+        return 0, []
+
+
+class Corpus:
+    """Token sequences other than the row's own, searchable by :class:`NgramIndex`, ``max_tokens`` at most.
+
+    Sequences are stored back to back with a separator (-1) that no n-gram crosses and no continuation
+    runs past. When full, the oldest half is dropped and the index rebuilt (amortised O(1) per token).
+    """
+
+    SEPARATOR = -1
+
+    def __init__(self, max_tokens: int = 1 << 20, max_n: int = 8):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.sequences: list[list[int]] = []
+        self.index = NgramIndex(max_n)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.sequences))
+
+    def add(self, tokens: list[int]) -> None:
+        tokens = [int(t) for t in tokens][-self.max_tokens:]
+        if not tokens:
+            return
+        self.sequences.append(tokens)
+        if len(self.index) + len(tokens) + 1 > 2 * self.max_tokens or len(self) > self.max_tokens:
+            self._evict()
+        else:
+            self._index(tokens)
+
+    def _index(self, tokens: list[int]) -> None:
+        # n-grams never span the separator: index the sequence alone, then shift its positions
+        offset = len(self.index.tokens)
+        alone = NgramIndex(self.index.max_n)
+        alone.extend(tokens)
+        for gram, ends in alone.ends.items():
+            self.index.ends.setdefault(gram, []).extend(e + offset for e in ends)
+        self.index.tokens += tokens + [self.SEPARATOR]
+
+    def _evict(self) -> None:
+        kept, total = [], 0
+        for tokens in reversed(self.sequences):
+            if total + len(tokens) > self.max_tokens // 2 and kept:
+                break
+            kept.append(tokens)
+            total += len(tokens)
+        self.sequences = kept[::-1]
+        self.index = NgramIndex(self.index.max_n)
+        for tokens in self.sequences:
+            self._index(tokens)
+
+    def continuations(self, suffix: list[int], depth: int, max_matches: int,
+                      min_n: int) -> tuple[int, list[list[int]]]:
+        n, found = self.index.continuations(suffix, depth, max_matches, min_n)
+        found = [c[:c.index(self.SEPARATOR)] if self.SEPARATOR in c else c for c in found]
+        return n, [c for c in found if c]
+
+
+@dataclass
+class DraftTree:
+    """A token trie rooted at the row's last final token (node 0), nodes in insertion order."""
+
+    tokens: list[int]
+    parents: list[int] = field(default_factory=lambda: [-1])
+    depths: list[int] = field(default_factory=lambda: [0])
+    scores: list[float] = field(default_factory=lambda: [1.0])  # estimated probability of being accepted
+    shares: list[float] = field(default_factory=lambda: [1.0])  # uncalibrated: the parent's share through it
+    matched: list[int] = field(default_factory=lambda: [0])  # the suffix match's length that drafted it
+    sources: list[str] = field(default_factory=lambda: [""])
+    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+
+    @classmethod
+    def rooted_at(cls, token: int) -> "DraftTree":
+        return cls(tokens=[token])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _append(self, token: int, parent: int, score: float, share: float, source: str, matched: int) -> int:
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.scores.append(score)
+        self.shares.append(share)
+        self.sources.append(source)
+        self.matched.append(matched)
+        self.children.append({})
+        self.children[parent][token] = node
+        return node
+
+    def add_branch(self, tokens: list[int], scores: list[float], shares: list[float], source: str,
+                   matched: int = 0) -> None:
+        """Insert a chain below the root; a node already present keeps the larger score (so a child never
+        outscores its parent: each chain's scores decrease along it)."""
+        node = 0
+        for token, score, share in zip(tokens, scores, shares):
+            child = self.children[node].get(token)
+            if child is None:
+                child = self._append(token, node, score, share, source, matched)
+            elif score > self.scores[child]:
+                self.scores[child], self.shares[child] = score, share
+                self.sources[child], self.matched[child] = source, matched
+            node = child
+
+    def add_trie(self, continuations: list[list[int]], calibration, source: str, matched: int = 0) -> None:
+        """Insert continuations counted as a trie: a node's score is its parent's times the calibrated
+        share of the parent's continuations that go through it (``calibration(source, matched, depth)``,
+        ``matched`` the length of the suffix match that found them)."""
+        prefix_counts: dict[tuple[int, ...], int] = {}
+        for c in continuations:
+            for d in range(1, len(c) + 1):
+                prefix_counts[tuple(c[:d])] = prefix_counts.get(tuple(c[:d]), 0) + 1
+        total = len(continuations)
+        for c in continuations:
+            scores, shares, parent_count, parent_score = [], [], total, 1.0
+            for d in range(1, len(c) + 1):
+                count = prefix_counts[tuple(c[:d])]
+                shares.append(count / parent_count)
+                parent_score *= min(1.0, calibration(source, matched, d) * shares[-1])
+                scores.append(parent_score)
+                parent_count = count
+            self.add_branch(c, scores, shares, source, matched)
+
+    def best(self, budget: int) -> "DraftTree":
+        """The ``budget`` highest-scoring nodes (a subtree, since a child never outscores its parent),
+        renumbered depth-first with the best child first: the likeliest path then lies contiguous in the
+        block, and its keys/values rarely need moving after verification."""
+        order = sorted(range(1, len(self)), key=lambda i: (-self.scores[i], self.depths[i], i))
+        keep = {0, *order[:budget - 1]}
+        flat = DraftTree.rooted_at(self.tokens[0])
+        stack = [(0, -1)]  # (node here, its parent's number in flat)
+        while stack:
+            node, parent = stack.pop()
+            mapped = (flat._append(self.tokens[node], parent, self.scores[node], self.shares[node], self.sources[node],
+                                   self.matched[node]) if node else 0)
+            kids = sorted((c for c in self.children[node].values() if c in keep), key=lambda c: -self.scores[c])
+            stack.extend((child, mapped) for child in reversed(kids))  # popped best first
+        return flat
+
+    def expected_tokens(self) -> float:
+        """Expected tokens made final by verifying this tree: the root's successor, plus each accepted node."""
+        return 1.0 + sum(self.scores[1:])
+
+    def first_child_chain(self, node: int) -> list[int]:
+        """Nodes below ``node`` following the best child each time (the branch a Jacobi chain continues)."""
+        chain = []
+        while self.children[node]:
+            node = min(self.children[node].values())  # depth-first order: the best child comes first
+            chain.append(node)
+        return chain
+
+
+class AcceptanceStats:
+    """Per (source, suffix-match length, depth) calibration of draft scores, learnt from verification.
+
+    ``calibration(source, matched, depth)`` multiplies the raw share a source gives a token (a continuation
+    of a 4-token match is likelier right than one of a 1-token match); it is the ratio of accepted proposals
+    to their raw shares (given an accepted parent), smoothed toward a prior. Learnt from every call on the
+    same model: how often drafts are right is a property of the model and its data.
+    """
+
+    PRIOR = {"jacobi": 0.2, "context": 0.6, "corpus": 0.4}
+    STRENGTH = 4.0  # pseudo-observations of the prior
+    DEPTHS = 8  # depths beyond share the last bucket
+    MATCHES = 4  # longer suffix matches share the last bucket
+
+    def __init__(self):
+        self.accepted: dict[tuple[str, int, int], float] = {}
+        self.predicted: dict[tuple[str, int, int], float] = {}
+
+    def calibration(self, source: str, matched: int, depth: int) -> float:
+        """Shrunk toward the calibration one level up (depth 1: toward the source's prior), so a depth never
+        verified yet inherits what shallower ones showed instead of starting over from the prior."""
+        estimate, matched = self.PRIOR[source], min(matched, self.MATCHES)
+        for d in range(1, min(depth, self.DEPTHS) + 1):
+            key = (source, matched, d)
+            estimate = (self.accepted.get(key, 0.0) + self.STRENGTH * estimate) / (
+                self.predicted.get(key, 0.0) + self.STRENGTH)
+        return estimate
+
+    def observe(self, tree: DraftTree, path: list[int]) -> None:
+        """Learn from one verified tree: every node whose parent was accepted was a fair test of its score."""
+        on_path = set(path)
+        for node in range(1, len(tree)):
+            if tree.parents[node] not in on_path:
+                continue
+            key = (tree.sources[node], min(tree.matched[node], self.MATCHES), min(tree.depths[node], self.DEPTHS))
+            self.predicted[key] = self.predicted.get(key, 0.0) + tree.shares[node]
+            self.accepted[key] = self.accepted.get(key, 0.0) + (node in on_path)

@@ -1,0 +1,94 @@
+"""One forward of the decoding loop, kept apart from the loop (as gpt-fast keeps prefill and decode apart):
+the prompt's prefill, a block or token tree's forward over the cache, and its greedy verification.
+
+A block is ``[last final token, draft_1 … draft_{n-1}]`` placed after each row's cached tokens; a token
+tree is the same with ``parents`` saying which earlier node each node continues (``None``: a chain, the
+Jacobi block). The model's greedy prediction at every node comes back in one forward; the nodes whose
+tokens equal their parent's prediction are proven equal to greedy autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .. import ops
+from .attention import CACHE_LENGTHS_KWARG, TREE_PARENTS_KWARG
+from .cache import JacobiCache
+from .inputs import raise_on_nan
+
+def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Write the prompts into the cache and return each row's first greedy token ``[B]``.
+
+    ``tokens`` [B, L] holds each prompt from column 0 with junk after ``lengths[b]``: causal attention keeps
+    the junk out of every real position, and the cache rows are cut back to ``lengths`` afterwards.
+    """
+    hidden = forward_block(model, cache, tokens)  # [B, L, d]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = hidden[rows, lengths - 1, None]  # [B, 1, d]
+    raise_on_nan(last.isnan().flatten(1).any(1).nonzero().flatten().tolist())
+    cache.commit(lengths, lengths.tolist())
+    greedy, _ = greedy_verify(model, last, tokens[rows, lengths - 1, None])  # a 1-token "block": the last token
+    return greedy[:, 0]
+
+
+def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.Tensor | None = None,
+                  parents: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of ``block`` [B, n] placed after each row's cached tokens; returns hidden states [B, n, d].
+
+    ``depths``/``parents`` [B, n] make it a token tree (node i at position ``length + depths[i]``, attending
+    to the cache, its ancestors and itself); without them the block is a chain.
+    """
+    cache.begin_block(block.shape[1])
+    offsets = torch.arange(block.shape[1], device=block.device) if depths is None else depths
+    kwargs = {CACHE_LENGTHS_KWARG: cache.lengths}
+    if parents is not None:
+        kwargs[TREE_PARENTS_KWARG] = parents
+    out = model.base_model(input_ids=block, position_ids=cache.lengths[:, None] + offsets, cache=cache,
+                           use_cache=True, **kwargs)
+    return out.last_hidden_state
+
+
+def greedy_verify(model, hidden: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens ``[B, n]`` of the LM head over ``hidden`` [B, n, d] and accepted lengths ``[B]`` of ``block``."""
+    head = model.get_output_embeddings()
+    return ops.greedy_verify(hidden, head.weight, head.bias, block)
+
+
+def jacobi_step(model, cache: JacobiCache, block: torch.Tensor):
+    """Forward ``block``; return ``(greedy [B, n], accepted [B], nan [B])``, leaving the cache uncommitted.
+
+    ``nan[b]`` flags NaN hidden states in row b: argmax over NaN logits is well defined but meaningless, so
+    the caller raises instead of emitting garbage (checked on the hidden states, d values per token, not V).
+    """
+    hidden = forward_block(model, cache, block)  # [B, n, d]
+    greedy, accepted = greedy_verify(model, hidden, block)
+    return greedy, accepted, hidden.isnan().flatten(1).any(1)
+
+
+def tree_step(model, cache: JacobiCache, tokens: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor,
+              chains: bool):
+    """Forward token trees ``tokens`` [B, n] (``chains``: every row's tree is the chain 0-1-2-…, the plain
+    block); return ``(greedy [B, n], accepted [B], path [B, n], nan [B])`` as :func:`cllm_rt.ops.tree_verify`
+    defines them, leaving the cache uncommitted."""
+    hidden = forward_block(model, cache, tokens, depths, None if chains else parents)
+    greedy, accepted = greedy_verify(model, hidden, tokens)
+    if chains:
+        path = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        path = path.masked_fill(path >= accepted[:, None], -1)
+    else:
+        accepted, _, path = ops.tree_verify(greedy, tokens, parents)
+    return greedy, accepted, path, hidden.isnan().flatten(1).any(1)
+
+
+class PromptGuesses:
+    """Seeded guess tokens drawn uniformly from a prompt (the CLLM paper's policy for Jacobi positions that
+    have no prediction yet). Drawn on the host: the loop builds its blocks there, without a device sync."""
+
+    def __init__(self, prompt: list[int], seed):
+        self.prompt = prompt
+        self.random = random.Random(seed)
+
+    def draw(self, width: int) -> list[int]:
+        return [self.prompt[int(self.random.random() * len(self.prompt))] for _ in range(width)]
