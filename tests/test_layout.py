@@ -11,11 +11,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "cllm_rt"
 
 # room -> rooms it must never import (a room is a top-level module or subpackage of cllm_rt)
 FORBIDDEN = {
-    "ops": {"runtime", "training", "demo", "cli", "models"},
-    "runtime": {"training", "demo", "cli"},
-    "models": {"runtime", "training", "demo", "cli"},
-    "training": {"demo", "cli"},
-    "demo": {"cli"},
+    "ops": {"runtime", "training", "demo", "cli", "models", "hf", "hf_generate", "serve"},
+    "runtime": {"training", "demo", "cli", "hf", "hf_generate", "serve"},
+    "models": {"runtime", "training", "demo", "cli", "hf", "hf_generate", "serve"},
+    "training": {"demo", "cli", "hf", "hf_generate", "serve"},
+    "demo": {"cli", "hf", "hf_generate", "serve"},
+    # clients of the runtime that nothing imports but the CLI (serve) and hf's custom_generate shim (hf_generate)
+    "hf": {"training", "demo", "cli", "serve", "hf_generate"},
+    "hf_generate": {"runtime", "models", "training", "demo", "cli", "serve"},
+    "serve": {"training", "demo", "cli", "hf", "hf_generate"},
 }
 
 

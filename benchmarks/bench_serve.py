@@ -1,0 +1,257 @@
+"""Serving: ``cllm-rt serve`` (continuous batching, exact greedy) against HF greedy ``generate`` one request at a time.
+
+SmolLM2-135M-Instruct (the ``smollm2-135m-instruct`` short name, converted once from its PyPI GGUF) on this
+CPU. For each number of concurrent clients, every client sends chat requests one after another (a closed loop)
+until ``--requests`` have been answered in all:
+
+* **cllm_rt serve**: the server runs in this process on a free loopback port; clients stream
+  ``/v1/chat/completions`` over HTTP (httpx), ``max_tokens=--max-tokens``.
+* **HF generate**: the same requests from the same number of client threads, served one at a time (a lock
+  around ``model.generate(do_sample=False)``, with a streamer timing the tokens), no HTTP: what a server without
+  batching would give at best.
+
+Per method and concurrency: throughput (completion tokens / wall time), time to first token (from the moment
+the client sends) and per-token latency (first to last token over the tokens after the first), p50 and p99,
+and for cllm_rt the tokens per forward the server reports. Prints a markdown table, writes JSON with the
+machine (lscpu model name), versions and settings. Needs ``pip install -e ".[serve,test]"`` (httpx).
+
+Full run (tens of minutes on 2 cores; run it on a quiet machine):
+
+    python benchmarks/bench_serve.py --requests 32 --max-tokens 128 --concurrency 1 4 16 --json bench_serve.json
+
+Smoke run:
+
+    python benchmarks/bench_serve.py --requests 4 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin a shared machine
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import subprocess
+import threading
+import time
+
+import httpx
+import torch
+import transformers
+
+from cllm_rt import serve
+from cllm_rt.models import load_model
+
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "Explain photosynthesis in two sentences.",
+    "What is the capital of France, and what is it known for?",
+    "Give me three tips for writing clear emails.",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Write a haiku about the sea.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet in one paragraph.",
+    "How many minutes are there in a week? Show the calculation.",
+    "Write a SQL query that counts the orders per customer.",
+    "Name four planets of the solar system and one fact about each.",
+    "What does HTTP stand for and what is it used for?",
+    "Suggest a name for a bakery and explain why.",
+    "Write a short story opening about a lost key.",
+    "What are the benefits of regular exercise?",
+    "Explain what a hash table is to a beginner.",
+]
+NAME = "smollm2-135m-instruct"
+
+
+def _percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (no interpolation: with few requests, a value that was measured)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def _summary(method: str, clients: int, results: list[dict], wall: float, **extra) -> dict:
+    ttft = [r["ttft"] for r in results]
+    per_token = [r["per_token"] for r in results if r["per_token"] is not None]
+    tokens = sum(r["tokens"] for r in results)
+    return dict(method=method, clients=clients, requests=len(results), tokens=tokens, wall_s=wall,
+                tokens_per_s=tokens / wall, ttft_p50_ms=1e3 * _percentile(ttft, 50),
+                ttft_p99_ms=1e3 * _percentile(ttft, 99),
+                per_token_p50_ms=1e3 * _percentile(per_token, 50) if per_token else None,
+                per_token_p99_ms=1e3 * _percentile(per_token, 99) if per_token else None,
+                texts=[r["text"] for r in results], **extra)
+
+
+def _timing(sent: float, stamps: list[float], tokens: int) -> dict:
+    return dict(ttft=stamps[0] - sent if stamps else math.nan,
+                per_token=(stamps[-1] - stamps[0]) / (tokens - 1) if stamps and tokens > 1 else None)
+
+
+async def _serve_load(url: str, requests: list[str], clients: int, max_tokens: int) -> tuple[list[dict], float]:
+    """Closed-loop streaming clients; results in request order."""
+    results: list[dict | None] = [None] * len(requests)
+    queue = list(enumerate(requests))
+
+    async def client(http: httpx.AsyncClient):
+        while queue:
+            index, prompt = queue.pop(0)
+            body = dict(model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                        stream=True, stream_options={"include_usage": True})
+            sent, stamps, text, tokens = time.perf_counter(), [], [], 0
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        stamps.append(time.perf_counter())
+                        text.append(chunk["choices"][0]["delta"]["content"])
+            results[index] = dict(text="".join(text), tokens=tokens, **_timing(sent, stamps, tokens))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return results, time.perf_counter() - start
+
+
+class _Stamps:
+    """A streamer that times each token after the prompt."""
+
+    def __init__(self):
+        self.stamps, self.prompt_seen = [], False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def _hf_load(model, tokenizer, requests: list[str], clients: int, max_tokens: int) -> tuple[list[dict], float]:
+    """The same closed loop from client threads, served one request at a time by model.generate."""
+    results: list[dict | None] = [None] * len(requests)
+    queue, served, taken = list(enumerate(requests)), threading.Lock(), threading.Lock()
+
+    def client():
+        while True:
+            with taken:
+                if not queue:
+                    return
+                index, prompt = queue.pop(0)
+            ids = _chat_ids(tokenizer, prompt)
+            sent, streamer = time.perf_counter(), _Stamps()
+            with served:
+                out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens,
+                                     streamer=streamer)
+            new = out[0, len(ids):].tolist()
+            results[index] = dict(text=_answer_text(tokenizer, model, new), tokens=len(new),
+                                  **_timing(sent, streamer.stamps, len(new)))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - start
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
+def _answer_text(tokenizer, model, new: list[int]) -> str:
+    """The text the server would send for these tokens (EOS left out)."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
+
+
+def _decode_counters(url: str) -> tuple[float, float]:
+    """The server's (tokens made final, row-forwards) so far: their ratio over a level is its tokens/forward."""
+    values = dict(line.split()[:2] for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith(("cllm_rt_accepted_tokens_total ", "cllm_rt_row_steps_total ")))
+    return float(values["cllm_rt_accepted_tokens_total"]), float(values["cllm_rt_row_steps_total"])
+
+
+def _machine() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        cpu = platform.processor()
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--json", default="bench_serve.json", help="write the results here")
+    args = parser.parse_args()
+    if args.requests < 1 or args.max_tokens < 1 or min(args.concurrency) < 1:
+        parser.error("--requests, --max-tokens and --concurrency must be >= 1")
+    levels = sorted({min(c, args.requests) for c in args.concurrency})  # more clients than requests would idle
+    if levels != sorted(set(args.concurrency)):
+        print(f"{args.requests} requests keep at most {args.requests} clients busy: levels {levels}")
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(NAME)
+    requests = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+
+    rows = []
+    app = serve.create_app(model, tokenizer, model_name=NAME, block_size=args.block_size,
+                           max_batch=max(levels), max_queue=args.requests)
+    with serve.background(app) as url:
+        asyncio.run(_serve_load(url, requests[:1], 1, 4))  # warm-up
+        for clients in levels:
+            accepted, steps = _decode_counters(url)
+            results, wall = asyncio.run(_serve_load(url, requests, clients, args.max_tokens))
+            accepted_after, steps_after = _decode_counters(url)
+            rows.append(_summary("cllm_rt serve", clients, results, wall,
+                                 tokens_per_forward=(accepted_after - accepted) / (steps_after - steps)))
+            print(f"cllm_rt serve, {clients} clients: {wall:.1f} s", flush=True)
+    _hf_load(model, tokenizer, requests[:1], 1, 4)  # warm-up
+    for clients in levels:
+        results, wall = _hf_load(model, tokenizer, requests, clients, args.max_tokens)
+        rows.append(_summary("HF generate, one at a time", clients, results, wall))
+        print(f"HF generate, {clients} clients: {wall:.1f} s", flush=True)
+
+    hf = {row["clients"]: row for row in rows if row["method"].startswith("HF")}
+    machine = _machine()
+    print(f"\n{NAME}, {machine['cpu']}, {machine['torch_threads']} torch threads, {args.requests} requests per "
+          f"level, max_tokens {args.max_tokens}, block size {args.block_size}\n")
+    print("| clients | method | tokens/s | vs HF | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms "
+          "| tok/fwd | same text as HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = hf[row["clients"]]
+        same = sum(a == b for a, b in zip(row["texts"], base["texts"]))
+        tpf = row.get("tokens_per_forward")
+        print(f"| {row['clients']} | {row['method']} | {row['tokens_per_s']:.1f} | "
+              f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
+              f"{_ms(row['per_token_p50_ms'])} | {_ms(row['per_token_p99_ms'])} | "
+              f"{'' if tpf is None else f'{tpf:.2f}'} | {same}/{row['requests']} |")
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(dict(machine=machine, settings=vars(args), model=NAME, rows=rows), f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+if __name__ == "__main__":
+    main()
