@@ -128,7 +128,7 @@ def main() -> None:
         counter = ForwardCounter(model)
         warm = tokenizer("Hello", return_tensors="pt")
         for method in methods:  # first calls allocate; keep them out of the timings
-            run(method, model, counter, warm.input_ids, warm.attention_mask, 8, Corpus())
+            run(method, model, counter, warm.input_ids, warm.attention_mask, 32, Corpus())
         for domain in args.domains:
             prompts = prompts_of(domain, tokenizer, args.prompts, args.data_dir)
             corpora = {m: Corpus() for m in methods}

@@ -19,12 +19,27 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-try:
-    from cllm_rt import _C  # registers torch.ops.cllm_rt.*; needs torch imported first
-except ImportError as error:
-    _C = None
-    warnings.warn(f"cllm_rt: native extension not loaded ({error}); using the PyTorch "
-                  "reference ops", RuntimeWarning, stacklevel=2)
+def _load_extension():
+    """cllm_rt._C, or None with a warning that says why: not built (the usual case: a source checkout
+    without an install) or built but not loadable (then the loader's own message)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cllm_rt._C") is None:
+        warnings.warn("cllm_rt: the native extension is not built; using the PyTorch reference ops. Build it "
+                      "with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        from cllm_rt import _C  # registers torch.ops.cllm_rt.*; needs torch imported first
+    except ImportError as error:
+        warnings.warn(f"cllm_rt: the native extension failed to load ({error}); using the PyTorch reference "
+                      "ops. Rebuild it against this torch with `pip install --no-build-isolation -e .`",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return _C
+
+
+_C = _load_extension()
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT32_MAX = 2**31 - 1

@@ -233,3 +233,14 @@ def test_reference_fallback(monkeypatch):
     assert ops.lm_head_argmax(hidden, weight).tolist() == [
         [max(range(9), key=lambda j: sum(a * b for a, b in zip(h, weight[j].tolist()))) for h in row]
         for row in hidden.tolist()]
+
+
+def test_a_missing_extension_is_reported_as_not_built(monkeypatch):
+    """Without a compiled _C the warning says "not built" and gives the build command, not Python's
+    "cannot import name '_C' from partially initialized module"."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cllm_rt._C" else real(name, *a))
+    with pytest.warns(RuntimeWarning, match=r"not built.*pip install --no-build-isolation -e \."):
+        assert ops._load_extension() is None

@@ -111,7 +111,9 @@ def test_step_cost_ignores_outliers_and_interpolates_unmeasured_sizes():
     cost.observe(4, 1.0)  # a step slowed down by a busy neighbour
     assert cost.predict(4) == pytest.approx(0.024)
     assert cost.predict(10) == pytest.approx(0.030)  # between the medians of 4 and 16
-    assert cost.predict(32) == pytest.approx(0.036 * (1 + 0.02 * 32) / (1 + 0.02 * 16))  # the prior slope beyond
+    # beyond: along the slope of the two largest sizes (0.001 per token) or the prior's, whichever is steeper
+    prior = StepCost.PRIOR_SLOPE * 0.036 / (1 + StepCost.PRIOR_SLOPE * 16)
+    assert cost.predict(32) == pytest.approx(0.036 + max(prior, 0.001) * 16)
 
 
 # ---------------------------------------------------------------- committing a path

@@ -27,10 +27,14 @@ class StepCost:
 
     Medians, not a least-squares line: on a shared machine a few steps run several times slower (a
     neighbour took the core), and a fit through them would misprice every budget. A size never measured
-    is priced from its nearest measured neighbours (linear between two, the prior slope beyond one).
+    is priced from its nearest measured neighbours: linear between two, and beyond the measured sizes along
+    the slope of the two nearest (at least the prior's).
     """
 
-    PRIOR_SLOPE = 0.02  # extra cost per token, relative to a one-token step, before anything is measured
+    # Extra cost per token relative to a one-token step, before two sizes are measured: cautious (an AVX-512
+    # CPU without bf16 arithmetic measured 0.2-0.3 for SmolLM2), so unmeasured large steps are not assumed
+    # cheap; exploration (choose_budget) finds out where they are (a GPU: about 0).
+    PRIOR_SLOPE = 0.1
     WINDOW = 16  # recent steps kept per size
 
     def __init__(self):
@@ -50,15 +54,21 @@ class StepCost:
         known = self.measured()
         if tokens in known:
             return known[tokens]
-        below = max((t for t in known if t < tokens), default=None)
-        above = min((t for t in known if t > tokens), default=None)
-        if below is not None and above is not None:
-            w = (tokens - below) / (above - below)
-            return (1 - w) * known[below] + w * known[above]
-        nearest = below if below is not None else above
-        if nearest is None:
+        if not known:
             return 1.0 + self.PRIOR_SLOPE * tokens
-        return known[nearest] * (1 + self.PRIOR_SLOPE * tokens) / (1 + self.PRIOR_SLOPE * nearest)
+        sizes = sorted(known)
+        below = [t for t in sizes if t < tokens]
+        above = [t for t in sizes if t > tokens]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return known[lo] + (known[hi] - known[lo]) * (tokens - lo) / (hi - lo)
+        # beyond the measured sizes: the measured slope nearest to it, never below the prior's
+        ends = sizes[-2:] if below else sizes[:2]
+        nearest = ends[-1] if below else ends[0]
+        slope = self.PRIOR_SLOPE * known[nearest] / (1 + self.PRIOR_SLOPE * nearest)
+        if len(ends) == 2:
+            slope = max(slope, (known[ends[1]] - known[ends[0]]) / (ends[1] - ends[0]))
+        return max(known[nearest] + slope * (tokens - nearest), 1e-9)
 
 
 def choose_budget(cost: StepCost, tree_scores: list[list[float]], max_nodes: int, explore: bool = False) -> int:
