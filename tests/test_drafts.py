@@ -103,6 +103,17 @@ def test_budget_grows_when_extra_tokens_are_cheap_and_shrinks_when_drafts_are_ba
     assert choose_budget(cheap, good, 4) <= 4
 
 
+def test_exploration_measures_the_next_larger_budget():
+    cost = StepCost()
+    for _ in range(5):
+        cost.observe(1, 0.010)
+        cost.observe(2, 0.030)  # 2-node steps look dear: the plain choice stays at 1
+    scores = [[0.5, 0.4, 0.3, 0.2]]
+    assert choose_budget(cost, scores, 64) == 1
+    assert choose_budget(cost, scores, 64, explore=True) == 3  # 2 is measured enough; 3 is not
+    assert choose_budget(cost, [[]], 64, explore=True) == 1  # nothing to explore with
+
+
 def test_step_cost_ignores_outliers_and_interpolates_unmeasured_sizes():
     cost = StepCost()
     assert cost.predict(10) > cost.predict(1)  # the prior before any observation
