@@ -1,5 +1,5 @@
 """The ``cllm-rt`` command: ``generate`` with the exact runtime, ``collect`` Jacobi trajectories,
-consistency-``train`` a CLLM, run the end-to-end ``demo``.
+consistency-``train`` a CLLM, run the end-to-end ``demo``, ``serve`` an OpenAI-compatible HTTP API.
 
 This module only parses: each subcommand imports its room (runtime, training, demo) when it runs, so
 ``cllm-rt --help`` imports neither torch nor any of them. Errors about the user's inputs end the command
@@ -98,21 +98,26 @@ def _collect(args) -> None:
                                skip_long_prompts=args.skip_long_prompts)
     manifest = collect_from_files(args.model, args.data, args.out, settings, batch_size=args.batch_size,
                                   dtype=args.dtype, **_special_tokens(args))
-    print(f"{manifest['prompts_done']} prompts done ({manifest['prompts_kept']} kept) in "
-          f"{len(manifest['shards'])} shards: {args.out}")
+    repetitive = manifest["prompts_repetitive"]
+    print(f"{manifest['prompts_done']} prompts done ({manifest['prompts_kept']} kept"
+          f"{'' if repetitive is None else f', {repetitive} repetitive dropped'}) in {len(manifest['shards'])} "
+          f"shards: {args.out}")
 
 
 def _train(args) -> None:
     _start_torch(args.threads)
     from .training.train import TrainConfig, train
 
-    config = TrainConfig(loss=args.loss, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
-                         grad_checkpointing=args.grad_checkpointing, ar_weight=args.ar_weight,
-                         ar_target=args.ar_target, max_grad_norm=args.max_grad_norm,
-                         weight_decay=args.weight_decay, fsdp=args.fsdp)
+    config = TrainConfig(objective=args.objective, loss=args.loss, max_steps=args.max_steps, lr=args.lr,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed,
+                         save_every=args.save_every, grad_checkpointing=args.grad_checkpointing,
+                         ar_weight=args.ar_weight, ar_target=args.ar_target, max_grad_norm=args.max_grad_norm,
+                         weight_decay=args.weight_decay, fsdp=args.fsdp, noise_window=args.noise_window,
+                         heldout=args.heldout, min_agreement=args.min_agreement)
     last = train(args.model, args.trajectories, args.out, config, device=args.device)
-    if last:
+    if last.get("event") == "stopped":
+        print(f"{last['reason']}; model saved to {args.out}")
+    elif last:
         print(f"step {last['step']}: loss {last['loss']:.4f} (consistency {last['consistency']:.4f}, "
               f"ar {last['ar']:.4f}); model saved to {args.out}")
 
@@ -121,8 +126,19 @@ def _demo(args) -> None:
     _start_torch(None)  # the pipeline sets its own thread count
     from .demo.pipeline import run
 
-    run(args.out, quick=args.quick, domains=args.domains, data_dir=args.data_dir, seed=args.seed,
-        threads=args.threads, until=args.until)
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    run(args.out, preset=preset, domains=args.domains, data_dir=args.data_dir, seed=args.seed, threads=args.threads,
+        until=args.until, target=args.target)
+
+
+def _serve(args) -> None:
+    torch = _start_torch(args.threads)
+    from .serve import serve
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CLLM_RT_API_KEY"),
+          dtype=args.dtype, device=device, model_name=args.served_model_name, block_size=args.block_size,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
 
 
 def _add_special_token_options(parser, pad: bool = True) -> None:
@@ -166,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     collect.add_argument("--seed", type=int, default=0, help="seed of the random initial guesses")
     collect.add_argument("--shard-size", type=int, default=64, help="prompts per shard file (the resume unit)")
-    collect.add_argument("--drop-repetitive", action="store_true", help="drop answers that loop on a short unit")
+    collect.add_argument("--drop-repetitive", action=argparse.BooleanOptionalAction, default=True,
+                         help="drop answers that loop on a short unit (default; the manifest counts them)")
     collect.add_argument("--keep-reference", action="store_true",
                          help="store the data's 'answer' field for the AR loss (train --ar-target reference)")
     collect.add_argument("--skip-long-prompts", action="store_true",
@@ -182,14 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a Hugging Face directory or a short name)")
     train.add_argument("--trajectories", required=True, help="directory written by `cllm-rt collect`")
     train.add_argument("--out", required=True, help="output model directory (a run there is resumed)")
-    train.add_argument("--loss", choices=["global", "local"], default="global", help="consistency loss")
-    train.add_argument("--max-steps", type=int, help="optimizer steps (default: one pass over the blocks)")
+    train.add_argument("--objective", choices=["cllm-global", "cllm-local", "jacobi-forcing"], default="cllm-global",
+                       help="CLLM's global or local consistency (two forwards per block), or Jacobi Forcing's "
+                            "packed objective (one forward per answer, every block)")
+    train.add_argument("--loss", choices=["global", "local"], help="deprecated: --objective cllm-global/cllm-local")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (default: one pass over the samples)")
     train.add_argument("--lr", type=float, default=2e-5)
-    train.add_argument("--batch-size", type=int, default=8, help="blocks per process per micro-step")
+    train.add_argument("--batch-size", type=int, default=8,
+                       help="samples per process per micro-step: blocks (cllm-*) or answers (jacobi-forcing)")
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    train.add_argument("--save-every", type=int, default=100, help="checkpoint (and held-out check) every N steps")
     train.add_argument("--grad-checkpointing", action="store_true")
     train.add_argument("--ar-weight", type=float, default=10.0, help="weight of the AR loss")
     train.add_argument("--ar-target", choices=["greedy", "reference"], default="greedy",
@@ -197,22 +218,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")
+    train.add_argument("--noise-window", type=int, default=16,
+                       help="jacobi-forcing: W of the noise schedule linspace(0, 1, W)[block mod W]")
+    train.add_argument("--heldout", type=int, default=0,
+                       help="keep N trajectory prompts out of training; at each checkpoint decode them and stop "
+                            "(rolling back to the last checkpoint) if agreement with the target's answers is "
+                            "below --min-agreement (default 0: no check)")
+    train.add_argument("--min-agreement", type=float, default=0.75,
+                       help="held-out per-position answer agreement that stops the run")
     train.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     train.set_defaults(run=_train)
 
-    demo = commands.add_parser("demo", help="the whole pipeline on real data on this CPU: target, trajectories, "
-                               "CLLM, and a table of decoding methods (resumable)")
+    demo = commands.add_parser("demo", help="the whole pipeline on real data on this CPU: a pretrained target, "
+                               "trajectories, a CLLM, and a table of decoding methods (resumable)")
     demo.add_argument("--out", default="runs/demo", help="output directory (resumed when it exists)")
-    demo.add_argument("--quick", action="store_true", help="same stages, smaller budget")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke run of every stage (under 10 minutes on 2 cores)")
+    size.add_argument("--full", action="store_true", help="the largest budget (hours on 2 cores)")
+    demo.add_argument("--target", default="smollm2-135m-instruct", help="the target model: " + model_help)
     demo.add_argument("--domains", nargs="+", help="some of: code math sql chat (default: every domain whose data "
                       "is present)")
     demo.add_argument("--data-dir", help="folder with gsm8k/ and spider/ (default: ../shared/data from the "
                       "current directory)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    demo.add_argument("--until", help="stop after this stage (a rerun without it continues)")
+    demo.add_argument("--until", help="stop after this stage: data, target, collect, train or evaluate (a rerun "
+                      "without it continues)")
     demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                                "/v1/chat/completions) with continuous batching, greedy and exact")
+    serve.add_argument("--model", required=True, help=model_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: $CLLM_RT_API_KEY, "
+                       "else no key)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--dtype", default="auto", choices=_DTYPES)
+    serve.add_argument("--device", help="default: cuda when available, else cpu")
+    serve.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -1,5 +1,7 @@
-"""Consistency training: outputs, exact resume, batch splitting (accumulation, DDP, FSDP) and clear errors."""
+"""Consistency training: outputs, exact resume, batch splitting (accumulation, DDP, FSDP) for every objective,
+the packed objective's forward against ordinary causal forwards, the held-out guard rail, and clear errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,12 +15,16 @@ from safetensors.torch import load_file
 import cllm_rt
 from cllm_rt.training import train as train_module
 from cllm_rt.cli import main as cli_main
-from cllm_rt.training.train import DataOrder, TrainConfig, train
-from cllm_rt.training.collect import CollectSettings, Prompt, collect
-from tiny_models import random_prompts
+from cllm_rt.training.train import DataOrder, ScoredLogits, TrainConfig, train
+from cllm_rt.training.collect import CollectSettings, Prompt, collect, decode_trajectories
+from cllm_rt.training.packing import pack_answer, pack_batch
+from cllm_rt.training.storage import PromptTrajectories
+from tiny_models import CONFIGS, random_prompts, tiny_model
 from training_fixtures import EOS, byte_tokenizer, files_in, save_model, tiny_lm
 
 BASE = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, save_every=2, warmup=1)
+# the fixtures decode blocks of 4 in 5 blocks: a noise window of 4 spreads Jacobi Forcing's schedule over 0 … 1
+OBJECTIVES = {"cllm-global": {}, "jacobi-forcing": {"objective": "jacobi-forcing", "noise_window": 4}}
 
 
 def _collect(model, out, block_size=4, keep_reference=True, tokenizer=None):
@@ -79,13 +85,17 @@ def plain_sgd(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
 
 
-def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path, objective):
     out = str(tmp_path / "out")
-    last = train(setup["model"], setup["trajectories"], out, BASE, progress=False)
+    last = train(setup["model"], setup["trajectories"], out, dataclasses.replace(BASE, **OBJECTIVES[objective]),
+                 progress=False)
     assert last["step"] == 4 and all(torch.isfinite(torch.tensor(last[k])) for k in ("loss", "consistency", "ar"))
     log = _log(out)
     assert [e["step"] for e in log] == [1, 2, 3, 4]
-    assert {"loss", "consistency", "ar", "lr", "grad_norm", "tokens_per_second"} <= log[0].keys()
+    assert {"loss", "consistency", "ar", "lr", "grad_norm", "tokens_per_second", "blocks_per_second"} <= log[0].keys()
+    # a CLLM step trains batch_size blocks; a Jacobi Forcing step every noisy block of batch_size answers
+    assert all(e["blocks"] == 4 if objective == "cllm-global" else e["blocks"] > 4 for e in log)
     assert {"config.json", "model.safetensors", "tokenizer.json", "checkpoint.pt"} <= set(files_in(out))
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     source = transformers.AutoModelForCausalLM.from_pretrained(setup["model"])
@@ -95,8 +105,9 @@ def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path):
     torch.testing.assert_close(cllm_rt.generate(model, prompt, max_new_tokens=10, block_size=4).sequences, expected)
 
 
-def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch):
-    config = TrainConfig(lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
+    config = TrainConfig(**OBJECTIVES[objective], lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2)
     train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
 
     log_step = train_module._Run._log
@@ -119,9 +130,10 @@ def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch):
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
 
 
-def test_gradient_accumulation_equals_one_large_batch(setup, tmp_path, plain_sgd):
-    large = TrainConfig(lr=0.05, batch_size=4, grad_accum=1, max_steps=3, max_grad_norm=1e9)
-    split = TrainConfig(lr=0.05, batch_size=2, grad_accum=2, max_steps=3, max_grad_norm=1e9)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_gradient_accumulation_equals_one_large_batch(setup, tmp_path, plain_sgd, objective):
+    large = TrainConfig(**OBJECTIVES[objective], lr=0.05, batch_size=4, grad_accum=1, max_steps=3, max_grad_norm=1e9)
+    split = TrainConfig(**OBJECTIVES[objective], lr=0.05, batch_size=2, grad_accum=2, max_steps=3, max_grad_norm=1e9)
     train(setup["model"], setup["trajectories"], str(tmp_path / "large"), large, progress=False)
     train(setup["model"], setup["trajectories"], str(tmp_path / "split"), split, progress=False)
     _assert_same_updates(tmp_path / "large", tmp_path / "split", setup["model"])
@@ -171,20 +183,124 @@ def test_local_loss_and_reference_answers_change_what_is_optimised(setup, tmp_pa
     assert reference["consistency"] == pytest.approx(plain["consistency"]) and reference["ar"] != pytest.approx(plain["ar"])
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, parallel):
-    single = TrainConfig(lr=1e-3, batch_size=4, max_steps=3, warmup=1)
-    train(setup["model"], setup["trajectories"], str(tmp_path / "one"), single, progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cllm_rt",
-               "train", "--model", setup["model"], "--trajectories", setup["trajectories"], "--out",
-               str(tmp_path / "two"), "--lr", "1e-3", "--batch-size", "2", "--max-steps", "3", "--warmup", "1",
-               *(["--fsdp"] if parallel == "fsdp" else [])]
+# One torchrun launch trains several configurations, so each process pays torch's start-up once. The group is
+# joined once for all of them: gloo hung re-creating a destroyed group in the same processes. SGD as in
+# plain_sgd, so the comparison sees the gradients, not AdamW's normalisation of rounding noise.
+_DRIVER = """
+import json, sys
+import torch
+import torch.distributed as dist
+from cllm_rt.training.train import TrainConfig, train
+torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+dist.init_process_group("gloo")
+for out, options in json.loads(sys.argv[3]):
+    train(sys.argv[1], sys.argv[2], out, TrainConfig(**options), progress=False)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, plain_sgd):
+    common = dict(lr=0.05, max_steps=3, warmup=1, max_grad_norm=1e9)
+    runs = {"ddp-cllm": OBJECTIVES["cllm-global"], "ddp-jacobi-forcing": OBJECTIVES["jacobi-forcing"],
+            "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True)}
+    for name, options in runs.items():
+        single = {k: v for k, v in options.items() if k != "fsdp"}
+        train(setup["model"], setup["trajectories"], str(tmp_path / "one" / name),
+              TrainConfig(batch_size=4, **common, **single), progress=False)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    two = [(str(tmp_path / "two" / name), {**common, **options, "batch_size": 2}) for name, options in runs.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", CLLM_RT_ALLOW_FALLBACK="1")
-    subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
-    # AdamW (the CLI cannot swap it): a ~1e-7 gradient rounding difference can move a weight by up to ~lr
-    _assert_same_updates(tmp_path / "one", tmp_path / "two", setup["model"], rel=1e-2)
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(driver), setup["model"], setup["trajectories"], json.dumps(two)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in runs:
+        _assert_same_updates(tmp_path / "one" / name, tmp_path / "two" / name, setup["model"])
+        for a, b in zip(_log(tmp_path / "one" / name), _log(tmp_path / "two" / name)):
+            assert (a["loss"], a["blocks"]) == (pytest.approx(b["loss"], rel=1e-5), b["blocks"])
+
+
+# ---------------------------------------------------------------- the packed objective's forward
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_packed_forward_gives_clean_blocks_causal_logits_and_noisy_blocks_their_jacobi_step(arch):
+    """In float64, where only a wrong mask or wrong positions can move a logit: the clean copies' logits are an
+    ordinary causal forward's over prompt + answer, each noisy copy's those of a Jacobi step on its state."""
+    model = tiny_model(arch)
+    ids, mask = random_prompts(2, [5, 9])
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    builders = decode_trajectories(model, prompts, [1, 2], block_size=4, max_new_tokens=13, eos=set())
+    answers = [PromptTrajectories(i, p, b.answer, b.blocks) for i, (p, b) in enumerate(zip(prompts, builders))]
+    batch = pack_batch(answers, 4, "cpu")  # two rows of different lengths: padding included
+    scored = ScoredLogits(model)
+    with torch.no_grad():
+        logits = scored(batch.input_ids, batch.rows, batch.cols, batch.attention_mask, batch.position_ids)
+        causal = [model(torch.tensor([p.prompt + p.answer])).logits[0, len(p.prompt) - 1:-1] for p in answers]
+        for row in range(len(answers)):
+            torch.testing.assert_close(logits[batch.ar_index[row]][batch.ar_mask[row]], causal[row])
+        copies = [(p, copy) for p in answers for copy in pack_answer(p, 4).noisy]
+        assert len(copies) == len(batch.noisy_index) >= 2
+        for index, (p, copy) in zip(batch.noisy_index, copies):
+            context = p.context(copy.block)
+            step = model(torch.tensor([context + copy.block.states[copy.state][:-1]])).logits[0, len(context) - 1:]
+            torch.testing.assert_close(logits[index], step)
+        # the comparison has teeth: without the shared position ids the clean logits are another forward's
+        unpositioned = scored(batch.input_ids, batch.rows, batch.cols, batch.attention_mask, None)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(unpositioned[batch.ar_index[1]][batch.ar_mask[1]], causal[1])
+
+
+# ---------------------------------------------------------------- the held-out guard rail
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    """A model and its trajectories collected in float64, where the check's decoding (in the collection's
+    dtype) reproduces the recorded answers exactly: the untrained model agrees 1.0."""
+    root = tmp_path_factory.mktemp("exact")
+    model = tiny_lm(eos_token_id=EOS)
+    return save_model(model, root / "model", byte_tokenizer()), _collect(model.to(torch.float64), root / "t")
+
+
+def test_heldout_disagreement_stops_training_and_rolls_back(exact, tmp_path):
+    model_dir, trajectories = exact
+    out = tmp_path / "out"
+    config = TrainConfig(**OBJECTIVES["jacobi-forcing"], lr=0.05, batch_size=2, max_steps=8, save_every=2, heldout=2,
+                         min_agreement=1.0)  # any changed answer stops it
+    last = train(model_dir, trajectories, str(out), config, progress=False)
+    log = _log(out)
+    assert last == log[-1] and last["event"] == "stopped" and last["step"] < 8
+    assert f"fell below min_agreement 1.0 at step {last['step']}" in last["reason"]
+    checks = [e for e in log[:-1] if "heldout_agreement" in e]
+    assert [e["step"] for e in checks] == list(range(2, last["step"] + 1, 2))
+    assert [e["heldout_agreement"] == 1.0 for e in checks] == [True] * (len(checks) - 1) + [False]
+    assert all(e["heldout_tokens_per_forward"] >= 1 for e in checks)
+    rolled_back_to = last["rolled_back_to"]
+    if rolled_back_to:
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert state["step"] == rolled_back_to
+        expected = {k.removeprefix("lm."): v for k, v in state["model"].items()}
+    else:
+        expected = _weights(model_dir)
+    assert all(torch.equal(v, expected[k]) for k, v in _weights(out).items())
+    # a rerun reports the stop instead of training on
+    assert train(model_dir, trajectories, str(out), config, progress=False) == last and _log(out) == log
+
+
+def test_heldout_check_rolls_back_to_the_last_passed_checkpoint_or_refuses_to_start(exact, tmp_path, monkeypatch):
+    model_dir, trajectories = exact
+    agreements = iter([1.0, 0.9, 0.5])  # the untrained model, step 2, step 4
+    monkeypatch.setattr(train_module._Run, "_decode_heldout", lambda self, state: (next(agreements), 1.5))
+    config = TrainConfig(lr=1e-3, batch_size=2, max_steps=8, save_every=2, heldout=2, min_agreement=0.8)
+    last = train(model_dir, trajectories, str(tmp_path / "out"), config, progress=False)
+    assert (last["step"], last["rolled_back_to"], last["heldout_agreement"]) == (4, 2, 0.5)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.equal(v, state["model"]["lm." + k]) for k, v in _weights(tmp_path / "out").items())
+
+    monkeypatch.setattr(train_module._Run, "_decode_heldout", lambda self, state: (0.7, 1.0))
+    with pytest.raises(ValueError, match="untrained model agrees .* only 0.700 .* below min_agreement=0.8"):
+        train(model_dir, trajectories, str(tmp_path / "never"), config, progress=False)
 
 
 # ---------------------------------------------------------------- bad inputs: clear errors, nothing written
@@ -235,15 +351,29 @@ def test_reference_target_needs_references_and_a_directory_needs_a_manifest(setu
         train(setup["model"], plain, str(tmp_path / "out"), TrainConfig(ar_target="reference"), progress=False)
     with pytest.raises(FileNotFoundError, match="not a trajectory directory"):
         train(setup["model"], str(tmp_path), str(tmp_path / "out"), BASE, progress=False)
-    with pytest.raises(ValueError, match="loss must be"):
-        train(setup["model"], plain, str(tmp_path / "out"), TrainConfig(loss="both"), progress=False)
+    with pytest.raises(ValueError, match="heldout=8 leaves nothing to train on"):
+        train(setup["model"], plain, str(tmp_path / "out"), TrainConfig(heldout=8), progress=False)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_objective_and_its_deprecated_alias_loss():
+    assert TrainConfig(loss="local").objective == "cllm-local" and TrainConfig(loss="global").loss is None
+    assert dataclasses.replace(TrainConfig(loss="local"), lr=1.0).objective == "cllm-local"
+    with pytest.raises(ValueError, match="contradicts objective='jacobi-forcing'"):
+        TrainConfig(loss="global", objective="jacobi-forcing")
+    with pytest.raises(ValueError, match="loss must be 'global' or 'local'"):
+        TrainConfig(loss="both")
+    with pytest.raises(ValueError, match="objective must be one of cllm-global, cllm-local, jacobi-forcing"):
+        TrainConfig(objective="cllm").validate()
+    with pytest.raises(ValueError, match="ar_target must be 'greedy'"):
+        TrainConfig(objective="jacobi-forcing", ar_target="reference").validate()
 
 
 def test_cli_train_then_generate(setup, tmp_path, capsys):
     out = str(tmp_path / "out")
     cli_main(["train", "--model", setup["model"], "--trajectories", setup["trajectories"], "--out", out,
-              "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3"])
+              "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--objective", "jacobi-forcing",
+              "--noise-window", "4"])
     assert "step 2: loss" in capsys.readouterr().out
     cli_main(["generate", "--model", out, "def f(x):", "--max-new-tokens", "12", "--block-size", "4"])
     err = capsys.readouterr().err

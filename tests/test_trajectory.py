@@ -13,11 +13,13 @@ import sys
 import pytest
 import torch
 
+from cllm_rt.training import collect as collect_module
 from cllm_rt.training import storage
 from cllm_rt.cli import main as cli_main
 from cllm_rt.training.collect import CollectSettings, Prompt, collect, decode_trajectories, is_repetitive, prompt_seed
 from cllm_rt.training.prompt_file import read_prompt_file
 from cllm_rt.training.storage import load_trajectories
+from cllm_rt.runtime.step import jacobi_step
 from tiny_models import random_prompts, tiny_model
 from training_fixtures import EOS, byte_tokenizer, files_in, save_model, tiny_lm, write_jsonl
 
@@ -69,6 +71,23 @@ def test_every_state_is_one_jacobi_iteration_of_the_previous_one():
         fixed = block.states[-1]
         assert model(torch.tensor([context + fixed[:-1]])).logits[0, len(context) - 1:].argmax(-1).tolist() == fixed
         assert len(set(map(tuple, block.states))) == len(block.states)  # no state recorded twice
+
+
+def test_each_iteration_feeds_only_the_positions_not_yet_final(monkeypatch):
+    """The shrinking window: after the first iteration of a block the proven prefix is cached, not re-fed; the
+    states it records are checked above against a cache-free recomputation of whole blocks."""
+    widths = []
+
+    def recording(model, cache, block):
+        widths.append(block.shape[1])
+        return jacobi_step(model, cache, block)
+
+    monkeypatch.setattr(collect_module, "jacobi_step", recording)
+    builder = decode_trajectories(_model("llama"), _prompt_lists([7]), [3], block_size=8, max_new_tokens=33,
+                                  eos=set())[0]
+    assert len(widths) == sum(len(b.states) for b in builder.blocks) - sum(  # one forward per iteration
+        b.states[-1][:-1] == b.states[-2][:-1] for b in builder.blocks if len(b.states) > 1)
+    assert max(widths) == 8 and min(widths) < 8 and sum(widths) < 8 * len(widths)
 
 
 def test_trajectories_do_not_depend_on_batch_composition():
@@ -176,15 +195,17 @@ def test_refuses_a_directory_that_is_not_a_trajectory_directory(tmp_path, byte_m
     assert files_in(tmp_path) == ["notes.txt"]
 
 
-def test_drop_repetitive_drops_loops_and_keeps_counts_honest(tmp_path):
+def test_repetitive_answers_are_dropped_by_default_and_counted(tmp_path):
     looping = tiny_lm(init_std=None, eos_token_id=EOS)  # HF's small init: greedy outputs mostly loop
     settings = CollectSettings(block_size=4, max_new_tokens=40, shard_size=4)
-    everything = collect(looping, _prompts(4), str(tmp_path / "all"), settings, progress=False)
-    dropping = dataclasses.replace(settings, drop_repetitive=True)
-    manifest = collect(looping, _prompts(4), str(tmp_path / "kept"), dropping, progress=False)
+    assert settings.drop_repetitive
+    keeping = dataclasses.replace(settings, drop_repetitive=False)
+    everything = collect(looping, _prompts(4), str(tmp_path / "all"), keeping, progress=False)
+    manifest = collect(looping, _prompts(4), str(tmp_path / "kept"), settings, progress=False)
     expected = [p for p in load_trajectories(str(tmp_path / "all")).prompts if not is_repetitive(p.answer)]
-    assert everything["prompts_kept"] == 4 > len(expected)
+    assert everything["prompts_kept"] == 4 > len(expected) and everything["prompts_repetitive"] == 0
     assert manifest["prompts_done"] == 4 and manifest["prompts_kept"] == len(expected)
+    assert manifest["prompts_repetitive"] == 4 - len(expected) == manifest["shards"][0]["repetitive"]
     assert load_trajectories(str(tmp_path / "kept")).prompts == expected
 
 
@@ -263,7 +284,7 @@ def test_cli_collect_then_bad_inputs_leave_nothing_behind(tmp_path, model_dir, c
     out = str(tmp_path / "t")
     options = ["--prompt-template", r"Q: {question}\nA:", "--keep-reference"]
     cli_main(_collect_args(model_dir, data, out, *options))
-    assert "5 prompts done (5 kept) in 3 shards" in capsys.readouterr().out
+    assert "5 prompts done (5 kept, 0 repetitive dropped) in 3 shards" in capsys.readouterr().out
     stored = load_trajectories(out)
     assert stored.manifest["settings"]["prompt_template"] == "Q: {question}\nA:"
     tokenizer = byte_tokenizer()

@@ -15,6 +15,16 @@ Conventions (shared with :mod:`cllm_rt.runtime.decoding`):
     the fixed point, its keys/values are already in the cache and are committed with ``cache.commit(n)``.
     The context is never recomputed: one forward per Jacobi iteration, several prompts per batch, each
     row with its own cache length and its own block schedule.
+  * Shrinking window: the leading positions an iteration proves final (``accepted``: they can no longer
+    change) are committed to the cache at once, and the next iteration feeds only the rest of the block,
+    ``[y_f, y_{f+1} … y_{n-1}]`` after f committed positions. Its outputs are those the whole block would
+    give (each position sees the same final prefix, now read from the cache), so the recorded states are
+    unchanged while each iteration feeds n - f tokens instead of n; a row whose window is narrower than the
+    batch's is padded after its window, where causal attention keeps the padding out of every real position.
+    (The padding's positions may pass the row's last one by up to n - 1; a RoPE that rescales by the largest
+    position in the batch — dynamic NTK, longrope — sees them, the caveat ragged rows already carry.)
+    Measured on SmolLM2-135M (float32, 1 thread, 4 GSM8K prompts, n = 16, 128 new tokens): 0.80 of the
+    tokens fed, 0.83x the time.
   * Guesses: n tokens drawn uniformly from the prompt (the paper's choice) by a generator seeded with
     ``(seed, prompt index)`` only, so a prompt's trajectories do not depend on batch size, process count
     or on where an interrupted run resumed.
@@ -63,6 +73,7 @@ class TrajectoryBuilder:
         self.answer: list[int] = []
         self.blocks: list[BlockTrajectory] = []
         self.states: list[list[int]] = []
+        self.final = 0  # leading positions of states[-1] proven final (the shrinking window's committed part)
         self.finished = False
 
     def start(self, first_token: int) -> None:
@@ -74,8 +85,10 @@ class TrajectoryBuilder:
 
     @property
     def block_input(self) -> list[int]:
-        """What one Jacobi iteration feeds after the cached context: the last final token, then y_1 … y_{n-1}."""
-        return [self.answer[-1]] + self.states[-1][:-1]
+        """What one Jacobi iteration feeds after the cached context (the ``final`` committed positions
+        included): the last final token, then y_{final+1} … y_{n-1}."""
+        last_final = self.states[-1][self.final - 1] if self.final else self.answer[-1]
+        return [last_final] + self.states[-1][self.final:-1]
 
     def advance(self, greedy: list[int]) -> bool:
         """Record the iteration's output ``greedy`` (n tokens); True when it is the block's fixed point.
@@ -87,6 +100,8 @@ class TrajectoryBuilder:
         if greedy != current:
             self.states.append(greedy)
         if greedy[:-1] != current[:-1]:
+            # greedy[i] is final once y_1 … y_i are: greedy[0] always, then as long as each input was reproduced
+            self.final = 1 + next(i for i, (a, b) in enumerate(zip(greedy, current)) if a != b)
             return False
         eos_at = next((i for i, token in enumerate(greedy) if token in self.eos), None)
         valid = self.block_size if eos_at is None else eos_at + 1
@@ -100,6 +115,7 @@ class TrajectoryBuilder:
 
     def _open_block(self) -> None:
         self.states = [self.guesses.draw(self.block_size)]
+        self.final = 0
 
 
 def blocks_needed(block_size: int, max_new_tokens: int) -> int:
@@ -118,7 +134,9 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
     decoded = blocks_needed(block_size, max_new_tokens) * block_size
     check_positions(model, tokens.shape[1], 1 + decoded)
-    cache = JacobiCache(model.config.num_hidden_layers, torch.zeros_like(lengths), max_len=tokens.shape[1] + decoded)
+    # a padded window may reach up to n - 1 positions past a row's block
+    cache = JacobiCache(model.config.num_hidden_layers, torch.zeros_like(lengths),
+                        max_len=tokens.shape[1] + decoded + block_size)
     builders = [TrajectoryBuilder(p, seed, block_size, max_new_tokens, eos) for p, seed in zip(prompts, seeds)]
 
     with jacobi_attention(model):
@@ -132,12 +150,20 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
             if len(keep) < len(active):
                 cache.select_rows(torch.tensor(keep, device=device), keep)
                 active = [active[i] for i in keep]
-            block = torch.tensor([builders[b].block_input for b in active], device=device)  # [B, n]
+            windows = [builders[b].block_input for b in active]
+            width = max(map(len, windows))
+            block = torch.tensor([w + [w[-1]] * (width - len(w)) for w in windows], device=device)  # [B, width]
             greedy, _, nan = jacobi_step(model, cache, block)
             host = torch.cat([nan[:, None].long(), greedy], 1).tolist()  # the iteration's one host sync
             raise_on_nan([active[i] for i, h in enumerate(host) if h[0]])
-            # a converged row keeps the block it just fed (it is the fixed point's context); the others retry
-            committed = [block_size if builders[b].advance(h[1:]) else 0 for b, h in zip(active, host)]
+            committed = []
+            for b, window, h in zip(active, windows, host):
+                builder = builders[b]
+                before = builder.final
+                # the outputs before the window are the final ones already recorded
+                converged = builder.advance(builder.states[-1][:before] + h[1:1 + len(window)])
+                # a converged row keeps its whole window (the fixed point's context); the others its final prefix
+                committed.append(len(window) if converged else builder.final - before)
             cache.commit(torch.tensor(committed, device=device), committed)
     return builders
 
@@ -163,7 +189,7 @@ class CollectSettings:
     max_new_tokens: int
     seed: int = 0
     prompt_template: str | None = None  # recorded in the manifest; applied by read_prompt_file
-    drop_repetitive: bool = False
+    drop_repetitive: bool = True  # loops teach consistency training only the loop; the manifest counts them
     keep_reference: bool = False
     shard_size: int = 64
     skip_long_prompts: bool = False  # leave out prompts with no room for max_new_tokens instead of refusing
@@ -212,9 +238,9 @@ def collect(model, prompts: list[Prompt], out_dir: str, settings: CollectSetting
 
     bar = tqdm(total=sum(len(shard_prompts(s)) for s in mine), initial=sum(len(shard_prompts(s)) for s in mine
                if s in done), unit="prompt", desc="collect", disable=not (progress and processes.is_main))
-    tokens, start = 0, time.perf_counter()
+    tokens, dropped, start = 0, 0, time.perf_counter()
     for shard in (s for s in mine if s not in done):
-        collected = []
+        collected, repetitive = [], 0
         indices = list(shard_prompts(shard))
         for first in range(0, len(indices), batch_size):
             batch = [i for i in indices[first:first + batch_size] if i not in too_long]
@@ -226,12 +252,16 @@ def collect(model, prompts: list[Prompt], out_dir: str, settings: CollectSetting
                 block_size=settings.block_size, max_new_tokens=settings.max_new_tokens, eos=set(eos))
             for i, builder in zip(batch, builders):
                 tokens += len(builder.answer)
-                if not (settings.drop_repetitive and is_repetitive(builder.answer)):
+                if settings.drop_repetitive and is_repetitive(builder.answer):
+                    repetitive += 1
+                else:
                     collected.append(PromptTrajectories(i, prompts[i].tokens, builder.answer, builder.blocks,
                                                         prompts[i].reference if settings.keep_reference else None))
             bar.update(len(batch))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s")
-        storage.write_shard(out_dir, shard, indices[0], len(indices), collected, identity["identity"])
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s, "
+                                f"{dropped + repetitive} repetitive dropped")
+        dropped += repetitive
+        storage.write_shard(out_dir, shard, indices[0], len(indices), collected, identity["identity"], repetitive)
         if processes.is_main:
             storage.write_manifest(out_dir, identity)
     bar.close()

@@ -1,4 +1,5 @@
-"""Consistency and autoregressive losses of CLLM training (Kou et al. 2024, Sec. 3.2, Eqs. 4-7).
+"""Consistency and autoregressive losses of CLLM training (Kou et al. 2024, Sec. 3.2, Eqs. 4-7) and of Jacobi
+Forcing (arXiv 2512.14681).
 
 Notation: a block of n tokens ``y = (y_1 … y_n)`` after a context; "block position i" is the model's
 distribution ``q(. | context, y_{<i})`` over the token ``y_i`` (logits at the input position of ``y_{i-1}``,
@@ -10,6 +11,10 @@ point ``y*``.
 * Local consistency (Eq. 6): pull ``q(. | y^(j)_{<i})`` towards ``q(. | y^(j+1)_{<i})``, the next point.
 * AR loss (Eq. 7): next-token cross-entropy on an answer (the target's own greedy output, or the
   dataset's reference), which keeps generation quality; the paper weights it heavily (w = 10 in its code).
+* Jacobi Forcing: global consistency of every block of an answer at once, student and teacher from one
+  packed forward (:mod:`cllm_rt.training.packing`): the noisy copy of block k (a trajectory state chosen by
+  a noise schedule) against the detached clean copy (the fixed point). JF's code uses soft cross-entropy;
+  its gradient is the KL's (they differ by the teacher's entropy, a constant), so the same function serves.
 
 Choices, all made explicit here:
   * Distance: forward KL(target || student), with the target side detached (the paper's stop-gradient
@@ -24,7 +29,9 @@ Choices, all made explicit here:
   * Reduction: the mean over a row's counted positions, then the mean over rows (a row with none counts as
     0). Unlike the paper code's mean over all positions of a micro-batch, this makes the loss of a global
     batch independent of how it is split into micro-batches and processes, so gradient accumulation and
-    DDP give the same update as one large batch.
+    DDP give the same update as one large batch. For Jacobi Forcing a row is a block and a sample an answer:
+    ``row_weights`` = 1 / (answers x blocks of the row's answer) makes the loss the mean over answers of the
+    mean over their blocks (a block without a noisy copy counts as 0), again independent of the split.
 """
 
 from __future__ import annotations
@@ -45,23 +52,26 @@ def counted_positions(student_block: torch.Tensor, target_block: torch.Tensor, v
     return prefix_differs & before_eos
 
 
-def _row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each row's masked-in entries, then over rows (a row without any contributes 0)."""
+def _row_mean(values: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each row's masked-in entries (a row without any gives 0), then the mean over rows, or their
+    sum weighted by ``row_weights`` [B]."""
     per_row = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return per_row.mean()
+    return per_row.mean() if row_weights is None else (per_row * row_weights.to(per_row.dtype)).sum()
 
 
 def consistency_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, student_block: torch.Tensor,
-                     target_block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """KL(target || student) per counted block position, averaged per row then over rows.
+                     target_block: torch.Tensor, valid: torch.Tensor,
+                     row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || student) per counted block position, averaged per row then over rows (or weighted).
 
     student_logits, target_logits: [B, n, V] at the block positions; the target is detached here.
-    Global consistency passes the fixed point as ``target_block``; local consistency the next point.
+    Global consistency and Jacobi Forcing pass the fixed point as ``target_block``; local consistency the
+    next point.
     """
     student = F.log_softmax(student_logits.float(), -1)
     target = F.log_softmax(target_logits.detach().float(), -1)
     kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [B, n]
-    return _row_mean(kl, counted_positions(student_block, target_block, valid))
+    return _row_mean(kl, counted_positions(student_block, target_block, valid), row_weights)
 
 
 def autoregressive_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

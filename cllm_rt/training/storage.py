@@ -7,13 +7,15 @@ Storage (``--out`` directory):
       ``tokenizer`` (class, vocab size, sha256 of the vocabulary and special tokens; null without one);
       ``prompts`` (count and sha256 of all prompt/reference token ids: catches another data file or
       tokenization); ``identity`` (sha256 of all the above); progress: ``shards`` (file, first_prompt,
-      prompts, kept, blocks), ``prompts_done``, ``prompts_kept``, ``complete``.
+      prompts, kept, blocks, repetitive), ``prompts_done``, ``prompts_kept``, ``prompts_repetitive`` (answers
+      dropped as repetitive; null when a shard predates the count), ``complete``.
   ``shard-SSSSS.safetensors``  prompts ``[S*shard_size, (S+1)*shard_size)`` of the data, flat tensors:
       ``prompt_index`` int64 [P] (data line of each kept prompt); ``prompt_tokens``/``answer_tokens``
       (/``reference_tokens`` with keep_reference) int32 with ``*_offsets`` int64 [P+1];
       ``block_prompt``, ``block_index``, ``block_valid`` int64 [NB]; ``states`` int32 [total states, n] with
       ``state_offsets`` int64 [NB+1] (block b owns states ``state_offsets[b]:state_offsets[b+1]``, the last
-      one its fixed point). Metadata: format, the manifest identity, shard index, prompts, kept.
+      one its fixed point). Metadata: format, the manifest identity, shard index, prompts, kept, blocks,
+      repetitive.
 
 Resume: a shard is finished exactly when its file exists (every write is atomic, :mod:`cllm_rt.atomic_io`),
 so rerunning the same command skips finished shards and no prompt is lost or duplicated. A rerun with other
@@ -134,7 +136,8 @@ def finished_shards(out_dir: str, identity: str) -> dict[int, dict]:
                              f"{meta.get('identity')}, expected {identity}); remove it or use another directory")
         found[int(match.group(1))] = {"file": name, "first_prompt": int(meta["first_prompt"]),
                                       "prompts": int(meta["prompts"]), "kept": int(meta["kept"]),
-                                      "blocks": int(meta["blocks"])}
+                                      "blocks": int(meta["blocks"]),
+                                      "repetitive": int(meta["repetitive"]) if "repetitive" in meta else None}
     return found
 
 
@@ -144,7 +147,9 @@ def write_manifest(out_dir: str, identity: dict, num_shards: int | None = None) 
     atomic_write_json(os.path.join(out_dir, MANIFEST), {
         **identity, "shards": [shards[s] for s in sorted(shards)], "complete": complete,
         "prompts_done": sum(s["prompts"] for s in shards.values()),
-        "prompts_kept": sum(s["kept"] for s in shards.values())})
+        "prompts_kept": sum(s["kept"] for s in shards.values()),
+        "prompts_repetitive": None if any(s["repetitive"] is None for s in shards.values())
+        else sum(s["repetitive"] for s in shards.values())})
 
 
 def read_manifest(out_dir: str) -> dict:
@@ -164,7 +169,7 @@ def _unflat(tensors: dict[str, torch.Tensor], name: str) -> list[list[int]]:
 
 
 def write_shard(out_dir: str, shard: int, first_prompt: int, num_prompts: int,
-                 collected: list[PromptTrajectories], identity: str) -> None:
+                 collected: list[PromptTrajectories], identity: str, repetitive: int) -> None:
     blocks = [(row, block) for row, p in enumerate(collected) for block in p.blocks]
     block_size = len(blocks[0][1].states[0]) if blocks else 0
     states = [state for _, block in blocks for state in block.states]
@@ -180,7 +185,8 @@ def write_shard(out_dir: str, shard: int, first_prompt: int, num_prompts: int,
     if any(p.reference is not None for p in collected):
         tensors.update(_flat([p.reference for p in collected], "reference"))
     metadata = {"format": FORMAT, "identity": identity, "shard": str(shard), "first_prompt": str(first_prompt),
-                "prompts": str(num_prompts), "kept": str(len(collected)), "blocks": str(len(blocks))}
+                "prompts": str(num_prompts), "kept": str(len(collected)), "blocks": str(len(blocks)),
+                "repetitive": str(repetitive)}
     atomic_write(_shard_path(out_dir, shard), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -1,23 +1,39 @@
-"""Consistency training of a CLLM from collected Jacobi trajectories (Kou et al. 2024, Algorithm 1).
+"""Consistency training of a CLLM from collected Jacobi trajectories (Kou et al. 2024, Algorithm 1), or with
+Jacobi Forcing's packed objective (arXiv 2512.14681).
 
-Each training sample is one block of one prompt (:class:`cllm_rt.training.storage.BlockTrajectory`); a step
-draws a point ``y^(j)`` (j uniform over all but the fixed point) and minimises
-``consistency + ar_weight * AR`` (:mod:`cllm_rt.training.losses`) with the trained model itself as the
-stop-gradient target, as in the paper. One micro-batch costs two forwards: a no-grad one over the targets
-(``context + y*`` for global consistency, ``context + y^(j+1)`` for local) and one with gradients over the
-points and the AR sequences (``prompt + answer``) batched together. Logits are computed only at the
-positions a loss reads, not over the whole sequence.
+Objectives (``TrainConfig.objective``):
+  * ``cllm-global`` / ``cllm-local``: each training sample is one block of one prompt
+    (:class:`cllm_rt.training.storage.BlockTrajectory`); a step draws a point ``y^(j)`` (j uniform over all
+    but the fixed point) and minimises ``consistency + ar_weight * AR`` (:mod:`cllm_rt.training.losses`)
+    with the trained model itself as the stop-gradient target, as in the paper. One micro-batch costs two
+    forwards: a no-grad one over the targets (``context + y*`` for global consistency, ``context + y^(j+1)``
+    for local) and one with gradients over the points and the AR sequences (``prompt + answer``) batched
+    together.
+  * ``jacobi-forcing``: each sample is one answer with all its blocks, packed into one sequence
+    (:mod:`cllm_rt.training.packing`); one forward with gradients gives the noisy copies (student), the
+    clean copies (detached teacher, and the AR loss on the greedy answer): ``consistency + ar_weight * AR``.
+Logits are computed only at the positions a loss reads, not over the whole sequence.
 
 Everything that decides the math derives from (seed, step): the data order is a seeded permutation per
-epoch and the point of each sample a seeded choice from its position in that stream, so a run resumed
-from a checkpoint (model, optimizer, scheduler, RNG states, step) continues exactly as the uninterrupted run,
-and a global batch gives the same update whatever its split into processes (each takes a contiguous slice
-of every micro-step) and micro-steps.
+epoch and the point of each sample a seeded choice from its position in that stream (Jacobi Forcing's noisy
+states come from its schedule), so a run resumed from a checkpoint (model, optimizer, scheduler, RNG
+states, step) continues exactly as the uninterrupted run, and a global batch gives the same update whatever
+its split into processes (each takes a contiguous slice of every micro-step) and micro-steps.
+
+Guard rail: with ``heldout`` > 0, that many trajectory prompts (a seeded choice) are kept out of training;
+at every checkpoint the model decodes them greedily (cllm_rt's plain Jacobi decoding, in the collection's
+dtype, on the main process) and their per-position agreement with the target's recorded answers is logged
+with the tokens per forward. Below ``min_agreement`` the run stops: the model written is the one of the
+last checkpoint (each passed the check; the source model if none), ``log.jsonl`` says why, and
+``stopped.json`` makes a rerun report the stop instead of training on. The untrained model is checked
+first: a threshold it misses already is refused before any step.
 
 Outputs in ``out_dir``: the trained model as a plain Hugging Face directory (``save_pretrained`` in the
 source checkpoint's dtype, plus the tokenizer when the source has one), ``checkpoint.pt`` (the resume
 point, rewritten atomically every ``save_every`` steps and at the end), and ``log.jsonl`` (one line per
-step: loss terms, lr, grad norm, tokens/s, where tokens are those of all forwards of the step).
+step: loss terms, lr, grad norm, tokens/s and blocks/s, where tokens are those of all forwards of the step
+and blocks those with a consistency term; the held-out check's numbers on checkpoint steps; a last line
+with ``event: stopped`` and its ``reason`` when the guard rail stopped the run).
 """
 
 from __future__ import annotations
@@ -35,45 +51,72 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_write, truncate_jsonl_log
+from ..atomic_io import atomic_write, atomic_write_json, truncate_jsonl_log
 from ..models import resolve_model
 from .distributed import Processes, torchrun_processes
 from .losses import autoregressive_loss, consistency_loss
+from .packing import pack_batch
 from .storage import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+STOPPED = "stopped.json"
+OBJECTIVES = ("cllm-global", "cllm-local", "jacobi-forcing")
+_LOSS_ALIASES = {"global": "cllm-global", "local": "cllm-local"}  # TrainConfig.loss, before objectives
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss: str = "global"  # "global" or "local" consistency
-    max_steps: int | None = None  # default: one pass over the blocks
+    objective: str = "cllm-global"  # one of OBJECTIVES
+    max_steps: int | None = None  # default: one pass over the samples
     lr: float = 2e-5
-    batch_size: int = 8  # blocks per process per micro-step
+    batch_size: int = 8  # samples per process per micro-step: blocks (cllm-*) or answers (jacobi-forcing)
     grad_accum: int = 1
     warmup: int = 0  # steps of linear warmup before the cosine decay
     seed: int = 0
-    save_every: int = 100
+    save_every: int = 100  # also the interval of the held-out check
     grad_checkpointing: bool = False
     ar_weight: float = 10.0
-    ar_target: str = "greedy"  # "greedy": the target's own answer; "reference": the dataset's answer
+    ar_target: str = "greedy"  # "greedy": the target's own answer; "reference": the dataset's answer (cllm-*)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     fsdp: bool = False
+    noise_window: int = 16  # jacobi-forcing: W of the noise schedule linspace(0, 1, W)[k mod W]
+    heldout: int = 0  # trajectory prompts kept out of training for the agreement check (0: no check)
+    min_agreement: float = 0.75  # stop when the held-out agreement falls below this
+    loss: str | None = None  # deprecated alias of objective: "global" / "local" mean "cllm-global" / "cllm-local"
+
+    def __post_init__(self):
+        if self.loss is None:
+            return
+        if self.loss not in _LOSS_ALIASES:
+            raise ValueError(f"loss must be 'global' or 'local' (a deprecated alias of objective="
+                             f"'cllm-global'/'cllm-local'), got {self.loss!r}")
+        objective = _LOSS_ALIASES[self.loss]
+        if self.objective not in (TrainConfig.objective, objective):
+            raise ValueError(f"loss={self.loss!r} (a deprecated alias of objective={objective!r}) contradicts "
+                             f"objective={self.objective!r}: give only objective")
+        object.__setattr__(self, "objective", objective)
+        object.__setattr__(self, "loss", None)  # one spelling from here on (identity, dataclasses.replace)
 
     def validate(self) -> None:
-        if self.loss not in ("global", "local"):
-            raise ValueError(f"loss must be 'global' or 'local', got {self.loss!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if self.ar_target not in ("greedy", "reference"):
             raise ValueError(f"ar_target must be 'greedy' or 'reference', got {self.ar_target!r}")
-        for name in ("batch_size", "grad_accum", "save_every"):
+        if self.objective == "jacobi-forcing" and self.ar_target != "greedy":
+            raise ValueError("jacobi-forcing's AR loss is on its clean blocks, the target's own greedy answer: "
+                             "ar_target must be 'greedy'")
+        for name in ("batch_size", "grad_accum", "save_every", "noise_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0 or self.warmup < 0 or self.ar_weight < 0 or self.max_grad_norm <= 0:
             raise ValueError("lr and max_grad_norm must be > 0; warmup and ar_weight must be >= 0")
+        if self.heldout < 0 or not 0 <= self.min_agreement <= 1:
+            raise ValueError(f"heldout must be >= 0 and min_agreement within [0, 1]; got {self.heldout}, "
+                             f"{self.min_agreement}")
 
 
 Sample = tuple[PromptTrajectories, BlockTrajectory]
@@ -115,9 +158,12 @@ class ScoredLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        # Right padding needs no attention mask: causal attention keeps every real token before the pads.
-        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [R, T, d]
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # Without a mask, right padding needs none: causal attention keeps every real token before the pads.
+        # A 4D boolean mask [R, 1, T, T] (packed sequences) reaches SDPA unchanged, with the position ids given.
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state  # [R, T, d]
         return self.lm.get_output_embeddings()(hidden[rows, cols])  # [len(rows), V]
 
 
@@ -145,14 +191,15 @@ class StepLosses:
     consistency: float
     ar: float
     tokens: int
+    blocks: int  # blocks with a consistency term
 
 
-def micro_batch_loss(model, samples: list[Sample], points: list[int], config: TrainConfig, device):
-    """Loss of one micro-batch (a tensor to backpropagate) and its terms for the log."""
+def cllm_batch_loss(model, samples: list[Sample], points: list[int], config: TrainConfig, device):
+    """Loss of one CLLM micro-batch (a tensor to backpropagate) and its terms for the log."""
     n = len(samples[0][1].states[0])
     contexts = [p.context(b) for p, b in samples]
     student = [b.states[j] for (_, b), j in zip(samples, points)]
-    target = [b.states[-1] if config.loss == "global" else b.states[j + 1] for (_, b), j in zip(samples, points)]
+    target = [b.states[-1] if config.objective == "cllm-global" else b.states[j + 1] for (_, b), j in zip(samples, points)]
     answers = [p.answer if config.ar_target == "greedy" else p.reference for p, _ in samples]
     ar_rows = [p.prompt + a for (p, _), a in zip(samples, answers)]
 
@@ -178,7 +225,21 @@ def micro_batch_loss(model, samples: list[Sample], points: list[int], config: Tr
     ar_loss = autoregressive_loss(logits[split:].view(*labels.shape, -1), labels, ar[2])
     total = consistency + config.ar_weight * ar_loss
     tokens = sum(len(c) + n - 1 for c in contexts) * 2 + sum(len(r) for r in ar_rows)
-    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), tokens)
+    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), tokens, len(samples))
+
+
+def jacobi_forcing_batch_loss(model, answers: list[PromptTrajectories], config: TrainConfig, device):
+    """Loss of one Jacobi Forcing micro-batch: one packed forward over every block of every answer."""
+    batch = pack_batch(answers, config.noise_window, device)
+    logits = model(batch.input_ids, batch.rows, batch.cols, batch.attention_mask, batch.position_ids)  # [K, V]
+    if len(batch.noisy_index):
+        consistency = consistency_loss(logits[batch.noisy_index], logits[batch.clean_index], batch.states,
+                                       batch.fixed_points, batch.valid, batch.block_weights)
+    else:  # every block of these answers sits at its schedule's fixed point: nothing to pull
+        consistency = torch.zeros((), device=logits.device)
+    ar_loss = autoregressive_loss(logits[batch.ar_index], batch.ar_labels, batch.ar_mask)
+    total = consistency + config.ar_weight * ar_loss
+    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), batch.tokens, len(batch.noisy_index))
 
 
 # ---------------------------------------------------------------- the run
@@ -204,16 +265,27 @@ class _Run:
         self.config, self.processes, self.out_dir, self.model_dir = config, processes, out_dir, model_dir
         self.progress = progress and processes.is_main
         trajectories = load_trajectories(trajectories_dir)
-        self.samples = [(p, b) for p in trajectories.prompts for b in p.blocks if len(b.states) > 1]
-        if not self.samples:
+        self.trajectories = trajectories
+        answers = [p for p in trajectories.prompts if p.blocks]
+        if config.heldout >= len(answers):
+            raise ValueError(f"heldout={config.heldout} leaves nothing to train on: {trajectories_dir} holds "
+                             f"{len(answers)} answers with blocks")
+        held = set(random.Random(f"heldout:{config.seed}").sample(range(len(answers)), config.heldout))
+        self.heldout = [p for i, p in enumerate(answers) if i in held]
+        training = [p for i, p in enumerate(answers) if i not in held]
+        blocks = [(p, b) for p in training for b in p.blocks if len(b.states) > 1]
+        if not blocks:
             raise ValueError(f"{trajectories_dir} holds no block with a trajectory to learn from (every block "
                              "started at its fixed point, or no prompt was kept)")
+        # a Jacobi Forcing sample is a whole answer: every block of it is packed into one forward
+        self.samples = training if config.objective == "jacobi-forcing" else blocks
         if config.ar_target == "reference" and not trajectories.manifest["settings"]["keep_reference"]:
             raise ValueError(f"ar_target='reference' needs reference answers, but {trajectories_dir} was "
                              "collected without --keep-reference")
         source_dtype = AutoConfig.from_pretrained(model_dir).dtype
         self.save_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype or torch.float32
-        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # train in float32
+        # train in float32; SDPA takes the packed objective's boolean 4D mask as it is (eager would add it)
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         self._check_compatible(trajectories, trajectories_dir)
         self.world_batch = config.batch_size * processes.world_size
         self.max_steps = config.max_steps or -(-len(self.samples) // (self.world_batch * config.grad_accum))
@@ -222,8 +294,10 @@ class _Run:
             "source_model": model_fingerprint(self.lm)["sha256"], "global_batch": self.world_batch * config.grad_accum,
             "micro_batch": self.world_batch, "max_steps": self.max_steps,
             **{k: v for k, v in dataclasses.asdict(config).items()
-               if k not in ("batch_size", "save_every", "grad_checkpointing", "fsdp", "max_steps")}}
+               if k not in ("batch_size", "save_every", "grad_checkpointing", "fsdp", "max_steps", "loss",
+                            "min_agreement")}}
         self.order = DataOrder(len(self.samples), config.seed)
+        self._checker = None  # the held-out check's model, on the main process, built at the first check
 
     def _check_compatible(self, trajectories, trajectories_dir) -> None:
         collected = trajectories.manifest["model"]
@@ -244,6 +318,9 @@ class _Run:
 
     def run(self) -> dict:
         config, processes = self.config, self.processes
+        stopped = self._read_stopped()
+        if stopped is not None:
+            return stopped if processes.is_main else {}
         torch.manual_seed(config.seed + processes.rank)  # only dropout, if the model has any, draws from it
         if config.grad_checkpointing:
             self.lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -255,6 +332,8 @@ class _Run:
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, self.max_steps)
         step = self._resume(module, optimizer, scheduler)
+        if step == 0 and self.heldout:
+            self._check_baseline(module)
         autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=processes.device.type == "cuda")
         bar = tqdm(total=self.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
         entry = self._last_logged()
@@ -264,11 +343,9 @@ class _Run:
             for micro in range(config.grad_accum):
                 positions = DataOrder.positions(step, micro, processes.rank, config.batch_size, config.grad_accum,
                                                 processes.world_size)
-                samples = [self.samples[self.order.sample(p)] for p in positions]
-                points = [self.order.point(p, len(b.states)) for p, (_, b) in zip(positions, samples)]
                 with self._gradient_sync(model, micro == config.grad_accum - 1):
                     with autocast:
-                        loss, losses = micro_batch_loss(model, samples, points, config, processes.device)
+                        loss, losses = self._micro_batch_loss(model, positions)
                     (loss / config.grad_accum).backward()
                 terms.append(losses)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
@@ -278,14 +355,28 @@ class _Run:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            entry = self._log(step, terms, lr, grad_norm, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            checkpoint = step % config.save_every == 0 or step == self.max_steps
+            check = self._heldout_check(module) if checkpoint and self.heldout else {}
+            entry = self._log(step, terms, lr, grad_norm, seconds, check)
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_second']:.0f}")
-            if step % config.save_every == 0 or step == self.max_steps:
+            if check and check["heldout_agreement"] < config.min_agreement:
+                bar.close()
+                return self._stop(step, check["heldout_agreement"])
+            if checkpoint:
                 self._save_checkpoint(step, module, optimizer, scheduler)
         bar.close()
-        self._save_model(module)
+        self._save_model(self._full_state(module))
+        self.processes.barrier()
         return entry
+
+    def _micro_batch_loss(self, model, positions: range):
+        samples = [self.samples[self.order.sample(p)] for p in positions]
+        if self.config.objective == "jacobi-forcing":
+            return jacobi_forcing_batch_loss(model, samples, self.config, self.processes.device)
+        points = [self.order.point(p, len(b.states)) for p, (_, b) in zip(positions, samples)]
+        return cllm_batch_loss(model, samples, points, self.config, self.processes.device)
 
     def _parallelize(self, module):
         processes = self.processes
@@ -323,16 +414,112 @@ class _Run:
             lines = [line for line in f if line.strip()]
         return json.loads(lines[-1]) if lines else {}
 
-    def _log(self, step, terms: list[StepLosses], lr, grad_norm, seconds) -> dict:
+    def _log(self, step, terms: list[StepLosses], lr, grad_norm, seconds, check: dict) -> dict:
         local = [sum(getattr(t, k) for t in terms) / len(terms) for k in ("total", "consistency", "ar")]
         total, consistency, ar = self.processes.mean(local)
         tokens = self.processes.sum(sum(t.tokens for t in terms))
-        entry = {"step": step, "loss": total, "consistency": consistency, "ar": ar, "lr": lr, "grad_norm": grad_norm,
-                 "tokens": int(tokens), "tokens_per_second": tokens / seconds, "seconds": seconds}
+        blocks = self.processes.sum(sum(t.blocks for t in terms))
+        return self._append_log({
+            "step": step, "loss": total, "consistency": consistency, "ar": ar, "lr": lr, "grad_norm": grad_norm,
+            "tokens": int(tokens), "tokens_per_second": tokens / seconds, "blocks": int(blocks),
+            "blocks_per_second": blocks / seconds, "seconds": seconds, **check})
+
+    def _append_log(self, entry: dict) -> dict:
         if self.processes.is_main:
             with open(os.path.join(self.out_dir, LOG), "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
         return entry
+
+    # ------------------------------------------------------------ the held-out check (guard rail)
+
+    def _heldout_check(self, module) -> dict:
+        """Decode the held-out prompts with the current weights: their agreement with the target's answers."""
+        start = time.perf_counter()
+        state = self._full_state(module)  # every process takes part (FSDP gathers the shards)
+        agreement = tokens_per_forward = 0.0
+        if self.processes.is_main:
+            agreement, tokens_per_forward = self._decode_heldout(state)
+        # only the main process decodes; the sum over processes hands its numbers to all of them
+        return {"heldout_agreement": self.processes.sum(agreement),
+                "heldout_tokens_per_forward": self.processes.sum(tokens_per_forward),
+                "heldout_seconds": time.perf_counter() - start}
+
+    def _decode_heldout(self, state: dict) -> tuple[float, float]:
+        """Per-position agreement of greedy answers with the recorded ones (mean over prompts), and tokens per
+        forward, decoded in the collection's dtype, where the untrained model reproduces its own answers."""
+        from transformers import AutoModelForCausalLM
+
+        from ..runtime.decoding import generate
+        from ..runtime.inputs import greedy_generation_config
+
+        settings = self.trajectories.manifest["settings"]
+        if self._checker is None:
+            dtype = getattr(torch, self.trajectories.manifest["model"]["dtype"])
+            self._checker = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).eval()
+        self._checker.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+        width = max(len(p.prompt) for p in self.heldout)
+        ids = torch.zeros(len(self.heldout), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(self.heldout):  # left-padded, as for model.generate
+            ids[row, width - len(p.prompt):] = torch.tensor(p.prompt)
+            mask[row, width - len(p.prompt):] = 1
+        eos = settings["eos_token_ids"]
+        with torch.no_grad():
+            out = generate(self._checker, ids, mask, max_new_tokens=settings["max_new_tokens"],
+                           block_size=settings["block_size"], drafts=None, eos_token_id=eos or None, pad_token_id=0,
+                           generation_config=greedy_generation_config(self._checker.generation_config))
+        agreement = 0.0
+        for p, row in zip(self.heldout, out.sequences[:, width:].tolist()):
+            row = row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]  # padding is no answer
+            agreement += sum(a == b for a, b in zip(row, p.answer)) / len(p.answer)
+        return agreement / len(self.heldout), out.stats.tokens_per_forward
+
+    def _check_baseline(self, module) -> None:
+        """Refuse a threshold the untrained model already misses (it could only stop the run at once)."""
+        check = self._heldout_check(module)
+        if check["heldout_agreement"] < self.config.min_agreement:
+            raise ValueError(f"the untrained model agrees with its own recorded answers on only "
+                             f"{check['heldout_agreement']:.3f} of the held-out positions, below min_agreement="
+                             f"{self.config.min_agreement}: lower min_agreement (the answers were recorded in "
+                             f"{self.trajectories.manifest['model']['dtype']}, where batch shapes change rounding)")
+
+    def _stop(self, step: int, agreement: float) -> dict:
+        """Write the model of the last checkpoint (it passed the check) and say in the log why training stopped."""
+        entry = {}
+        if self.processes.is_main:
+            state, rolled_back_to = self._rollback_state()
+            entry = {"step": step, "event": "stopped", "heldout_agreement": agreement,
+                     "rolled_back_to": rolled_back_to,
+                     "reason": f"held-out answer agreement {agreement:.3f} fell below min_agreement "
+                               f"{self.config.min_agreement} at step {step}: training stopped and the model rolled "
+                               f"back to step {rolled_back_to}" + (" (the source model)" if rolled_back_to == 0 else "")}
+            self._append_log(entry)
+            self._save_model(state)
+            atomic_write_json(os.path.join(self.out_dir, STOPPED), {"identity": self.identity, "entry": entry})
+        self.processes.barrier()
+        return entry
+
+    def _rollback_state(self) -> tuple[dict, int]:
+        """The weights of the last checkpoint and its step; the source model's and 0 before the first one."""
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        if os.path.exists(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            return checkpoint["model"], checkpoint["step"]
+        from transformers import AutoModelForCausalLM
+
+        source = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        return {f"lm.{k}": v for k, v in source.state_dict().items()}, 0
+
+    def _read_stopped(self) -> dict | None:
+        """The stop entry of an earlier run of this configuration that the guard rail stopped (None if none)."""
+        path = os.path.join(self.out_dir, STOPPED)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            stopped = json.load(f)
+        if stopped["identity"] != self.identity:
+            raise ValueError(f"{path}: another training run stopped here; train into another --out directory")
+        return stopped["entry"]
 
     # ------------------------------------------------------------ checkpoints
 
@@ -342,9 +529,9 @@ class _Run:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def _save_checkpoint(self, step, module, optimizer, scheduler) -> None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        model_state = get_model_state_dict(module, options=self._state_options())
+        model_state = self._full_state(module)
         optimizer_state = get_optimizer_state_dict(module, optimizer, options=self._state_options())
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state(self.processes.device) if self.processes.device.type == "cuda" else None}
@@ -394,11 +581,15 @@ class _Run:
         self.processes.barrier()
         return state["step"]
 
-    def _save_model(self, module) -> None:
-        """Write the trained model as a plain Hugging Face directory (in the source dtype) plus the tokenizer."""
+    def _full_state(self, module) -> dict:
+        """The whole model's weights on the main process (on CPU; FSDP gathers them: every process calls this)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(module, options=self._state_options())
+        return get_model_state_dict(module, options=self._state_options())
+
+    def _save_model(self, state: dict) -> None:
+        """Write ``state`` (``lm.``-prefixed, as the module's) as a plain Hugging Face directory in the source
+        dtype, plus the tokenizer (on the main process)."""
         if self.processes.is_main:
             weights = {k.removeprefix("lm."): v.to(self.save_dtype) for k, v in state.items()}
             self.lm.config.dtype = self.save_dtype
@@ -409,7 +600,6 @@ class _Run:
                     tokenizer.save_pretrained(tmp)
                 for name in os.listdir(tmp):  # each file lands whole; a rerun rewrites any it missed
                     os.replace(os.path.join(tmp, name), os.path.join(self.out_dir, name))
-        self.processes.barrier()
 
 
 @contextlib.contextmanager
