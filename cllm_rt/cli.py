@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(rolling back to the last checkpoint) if agreement with the target's answers is "
                             "below --min-agreement (default 0: no check)")
     train.add_argument("--min-agreement", type=float, default=0.75,
-                       help="held-out per-position answer agreement that stops the run")
+                       help="held-out agreement (difflib similarity of the greedy answers to the target's) "
+                            "below which the run stops")
     train.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     train.set_defaults(run=_train)

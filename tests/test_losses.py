@@ -136,13 +136,14 @@ def test_pack_answer_layout_positions_and_ar_targets():
 
 
 def test_block_mask_sees_the_prompt_earlier_clean_blocks_and_itself_causally():
-    segments = torch.tensor([[0, 0, 2, 2, 3, 3, 4, 4, -1],    # block 0 clean only; block 1 noisy + clean; padding
-                             [0, 1, 1, 2, 2, -1, -1, -1, -1]])  # block 0 noisy + clean
+    segments = torch.tensor([[0, 0, 2, 2, 3, 3, 4, 4, -1],  # block 0 clean only; block 1 noisy + clean; padding
+                             [0, 1, 1, 2, 2, 3, 3, 4, 4]])  # blocks 0 and 1 noisy + clean
     expected = [
         ["100000000", "110000000", "111000000", "111100000", "111110000", "111111000", "111100100", "111100110",
          "000000001"],
-        ["100000000", "110000000", "111000000", "100100000", "100110000", "000001000", "000001100", "000001110",
-         "000001111"],
+        # noisy block 1 (rows 5, 6) sees the clean block 0, not the noisy one; clean block 1 neither noisy copy
+        ["100000000", "110000000", "111000000", "100100000", "100110000", "100111000", "100111100", "100110010",
+         "100110011"],
     ]
     mask = block_mask(segments)
     assert mask.shape == (2, 1, 9, 9) and mask.dtype == torch.bool

@@ -202,8 +202,9 @@ dist.destroy_process_group()
 
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, plain_sgd):
     common = dict(lr=0.05, max_steps=3, warmup=1, max_grad_norm=1e9)
+    # the held-out check under FSDP: every process gathers the weights, the main one decodes
     runs = {"ddp-cllm": OBJECTIVES["cllm-global"], "ddp-jacobi-forcing": OBJECTIVES["jacobi-forcing"],
-            "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True)}
+            "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, heldout=2, min_agreement=0.0)}
     for name, options in runs.items():
         single = {k: v for k, v in options.items() if k != "fsdp"}
         train(setup["model"], setup["trajectories"], str(tmp_path / "one" / name),
@@ -218,8 +219,12 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, pla
     assert result.returncode == 0, result.stderr[-3000:]
     for name in runs:
         _assert_same_updates(tmp_path / "one" / name, tmp_path / "two" / name, setup["model"])
-        for a, b in zip(_log(tmp_path / "one" / name), _log(tmp_path / "two" / name)):
-            assert (a["loss"], a["blocks"]) == (pytest.approx(b["loss"], rel=1e-5), b["blocks"])
+        one, two = _log(tmp_path / "one" / name), _log(tmp_path / "two" / name)
+        assert [e["step"] for e in one] == [e["step"] for e in two]
+        for a, b in zip(one, two):
+            assert (a.get("loss"), a.get("blocks")) == (pytest.approx(b.get("loss"), rel=1e-5), b.get("blocks"))
+            assert a.get("heldout_agreement") == pytest.approx(b.get("heldout_agreement"))
+    assert "heldout_agreement" in _log(tmp_path / "two" / "fsdp-jacobi-forcing")[-1]
 
 
 # ---------------------------------------------------------------- the packed objective's forward
@@ -231,17 +236,18 @@ def test_packed_forward_gives_clean_blocks_causal_logits_and_noisy_blocks_their_
     model = tiny_model(arch)
     ids, mask = random_prompts(2, [5, 9])
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    builders = decode_trajectories(model, prompts, [1, 2], block_size=4, max_new_tokens=13, eos=set())
+    builders = decode_trajectories(model, prompts, [1, 2], block_size=4, max_new_tokens=21, eos=set())
     answers = [PromptTrajectories(i, p, b.answer, b.blocks) for i, (p, b) in enumerate(zip(prompts, builders))]
-    batch = pack_batch(answers, 4, "cpu")  # two rows of different lengths: padding included
+    # window 3 gives noisy copies of consecutive blocks (1 and 2): each must not see the other's
+    batch = pack_batch(answers, 3, "cpu")  # two rows of different lengths: padding included
     scored = ScoredLogits(model)
     with torch.no_grad():
         logits = scored(batch.input_ids, batch.rows, batch.cols, batch.attention_mask, batch.position_ids)
         causal = [model(torch.tensor([p.prompt + p.answer])).logits[0, len(p.prompt) - 1:-1] for p in answers]
         for row in range(len(answers)):
             torch.testing.assert_close(logits[batch.ar_index[row]][batch.ar_mask[row]], causal[row])
-        copies = [(p, copy) for p in answers for copy in pack_answer(p, 4).noisy]
-        assert len(copies) == len(batch.noisy_index) >= 2
+        copies = [(p, copy) for p in answers for copy in pack_answer(p, 3).noisy]
+        assert len(copies) == len(batch.noisy_index) >= 4
         for index, (p, copy) in zip(batch.noisy_index, copies):
             context = p.context(copy.block)
             step = model(torch.tensor([context + copy.block.states[copy.state][:-1]])).logits[0, len(context) - 1:]
@@ -272,8 +278,8 @@ def test_heldout_disagreement_stops_training_and_rolls_back(exact, tmp_path):
     log = _log(out)
     assert last == log[-1] and last["event"] == "stopped" and last["step"] < 8
     assert f"fell below min_agreement 1.0 at step {last['step']}" in last["reason"]
-    checks = [e for e in log[:-1] if "heldout_agreement" in e]
-    assert [e["step"] for e in checks] == list(range(2, last["step"] + 1, 2))
+    checks = [e for e in log[:-1] if "heldout_agreement" in e]  # the untrained model's first, as step 0
+    assert [e["step"] for e in checks] == [0, *range(2, last["step"] + 1, 2)] and checks[0]["event"] == "baseline"
     assert [e["heldout_agreement"] == 1.0 for e in checks] == [True] * (len(checks) - 1) + [False]
     assert all(e["heldout_tokens_per_forward"] >= 1 for e in checks)
     rolled_back_to = last["rolled_back_to"]
@@ -284,8 +290,11 @@ def test_heldout_disagreement_stops_training_and_rolls_back(exact, tmp_path):
     else:
         expected = _weights(model_dir)
     assert all(torch.equal(v, expected[k]) for k, v in _weights(out).items())
-    # a rerun reports the stop instead of training on
+    # a rerun reports the stop instead of training on; one with another threshold resumes from the checkpoint
     assert train(model_dir, trajectories, str(out), config, progress=False) == last and _log(out) == log
+    lower = dataclasses.replace(config, min_agreement=0.0)
+    assert train(model_dir, trajectories, str(out), lower, progress=False)["step"] == 8
+    assert [e["step"] for e in _log(out) if "loss" in e] == list(range(1, 9)) and not os.path.exists(out / "stopped.json")
 
 
 def test_heldout_check_rolls_back_to_the_last_passed_checkpoint_or_refuses_to_start(exact, tmp_path, monkeypatch):
@@ -300,7 +309,7 @@ def test_heldout_check_rolls_back_to_the_last_passed_checkpoint_or_refuses_to_st
     assert all(torch.equal(v, state["model"]["lm." + k]) for k, v in _weights(tmp_path / "out").items())
 
     monkeypatch.setattr(train_module._Run, "_decode_heldout", lambda self, state: (0.7, 1.0))
-    with pytest.raises(ValueError, match="untrained model agrees .* only 0.700 .* below min_agreement=0.8"):
+    with pytest.raises(ValueError, match="untrained model's held-out answers agree .* only 0.700, below min_agreement=0.8"):
         train(model_dir, trajectories, str(tmp_path / "never"), config, progress=False)
 
 

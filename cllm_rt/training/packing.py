@@ -140,11 +140,11 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, 1, T, T] bool
     rows: torch.Tensor  # [K]
     cols: torch.Tensor  # [K]
-    ar_index: torch.Tensor
-    ar_labels: torch.Tensor
-    ar_mask: torch.Tensor
-    noisy_index: torch.Tensor
-    clean_index: torch.Tensor
+    ar_index: torch.Tensor  # [B, A] into the K scored positions; A: the longest answer
+    ar_labels: torch.Tensor  # [B, A]
+    ar_mask: torch.Tensor  # [B, A] bool: False on padding
+    noisy_index: torch.Tensor  # [NB, n] into the K scored positions
+    clean_index: torch.Tensor  # [NB, n]
     states: torch.Tensor  # [NB, n] the noisy copies' states
     fixed_points: torch.Tensor  # [NB, n]
     valid: torch.Tensor  # [NB]
@@ -153,6 +153,7 @@ class PackedBatch:
 
 
 def pack_batch(answers: list[PromptTrajectories], window: int, device) -> PackedBatch:
+    """Pack each answer (:func:`pack_answer`), right-pad them into one batch and index what the losses read."""
     packs = [pack_answer(p, window) for p in answers]
     n = len(answers[0].blocks[0].states[0])
     length = max(len(p.tokens) for p in packs)

@@ -22,11 +22,15 @@ its split into processes (each takes a contiguous slice of every micro-step) and
 
 Guard rail: with ``heldout`` > 0, that many trajectory prompts (a seeded choice) are kept out of training;
 at every checkpoint the model decodes them greedily (cllm_rt's plain Jacobi decoding, in the collection's
-dtype, on the main process) and their per-position agreement with the target's recorded answers is logged
-with the tokens per forward. Below ``min_agreement`` the run stops: the model written is the one of the
-last checkpoint (each passed the check; the source model if none), ``log.jsonl`` says why, and
-``stopped.json`` makes a rerun report the stop instead of training on. The untrained model is checked
-first: a threshold it misses already is refused before any step.
+dtype, on the main process) and their agreement with the target's recorded answers is logged with the
+tokens per forward. Agreement is the mean over prompts of ``2 M / (len(a) + len(b))``, M the tokens of the
+longest matching blocks (difflib): one changed token costs about one token, where a per-position comparison
+would count everything after it (after 2 steps on SmolLM2-135M: per position 0.52). Below
+``min_agreement`` the run stops: the model written is the one of the last checkpoint (each passed the
+check; the source model if none), ``log.jsonl`` says why, and ``stopped.json`` makes a rerun report the
+stop instead of training on (a rerun with another ``min_agreement`` resumes from that checkpoint). The
+untrained model is checked first (logged as step 0): a threshold it misses already is refused before any
+step.
 
 Outputs in ``out_dir``: the trained model as a plain Hugging Face directory (``save_pretrained`` in the
 source checkpoint's dtype, plus the tokenizer when the source has one), ``checkpoint.pt`` (the resume
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import random
@@ -199,7 +204,8 @@ def cllm_batch_loss(model, samples: list[Sample], points: list[int], config: Tra
     n = len(samples[0][1].states[0])
     contexts = [p.context(b) for p, b in samples]
     student = [b.states[j] for (_, b), j in zip(samples, points)]
-    target = [b.states[-1] if config.objective == "cllm-global" else b.states[j + 1] for (_, b), j in zip(samples, points)]
+    target = [b.states[-1] if config.objective == "cllm-global" else b.states[j + 1]
+              for (_, b), j in zip(samples, points)]
     answers = [p.answer if config.ar_target == "greedy" else p.reference for p, _ in samples]
     ar_rows = [p.prompt + a for (p, _), a in zip(samples, answers)]
 
@@ -445,8 +451,8 @@ class _Run:
                 "heldout_seconds": time.perf_counter() - start}
 
     def _decode_heldout(self, state: dict) -> tuple[float, float]:
-        """Per-position agreement of greedy answers with the recorded ones (mean over prompts), and tokens per
-        forward, decoded in the collection's dtype, where the untrained model reproduces its own answers."""
+        """Agreement of greedy answers with the recorded ones (module docstring), and tokens per forward,
+        decoded in the collection's dtype, where the untrained model reproduces its own answers."""
         from transformers import AutoModelForCausalLM
 
         from ..runtime.decoding import generate
@@ -471,15 +477,16 @@ class _Run:
         agreement = 0.0
         for p, row in zip(self.heldout, out.sequences[:, width:].tolist()):
             row = row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]  # padding is no answer
-            agreement += sum(a == b for a, b in zip(row, p.answer)) / len(p.answer)
+            agreement += difflib.SequenceMatcher(None, row, p.answer, autojunk=False).ratio()
         return agreement / len(self.heldout), out.stats.tokens_per_forward
 
     def _check_baseline(self, module) -> None:
-        """Refuse a threshold the untrained model already misses (it could only stop the run at once)."""
-        check = self._heldout_check(module)
+        """Log the untrained model's check as step 0; refuse a threshold it already misses (it could only stop
+        the run at once)."""
+        check = self._append_log({"step": 0, "event": "baseline", **self._heldout_check(module)})
         if check["heldout_agreement"] < self.config.min_agreement:
-            raise ValueError(f"the untrained model agrees with its own recorded answers on only "
-                             f"{check['heldout_agreement']:.3f} of the held-out positions, below min_agreement="
+            raise ValueError(f"the untrained model's held-out answers agree with its own recorded ones only "
+                             f"{check['heldout_agreement']:.3f}, below min_agreement="
                              f"{self.config.min_agreement}: lower min_agreement (the answers were recorded in "
                              f"{self.trajectories.manifest['model']['dtype']}, where batch shapes change rounding)")
 
@@ -488,14 +495,16 @@ class _Run:
         entry = {}
         if self.processes.is_main:
             state, rolled_back_to = self._rollback_state()
+            source = " (the source model)" if rolled_back_to == 0 else ""
             entry = {"step": step, "event": "stopped", "heldout_agreement": agreement,
                      "rolled_back_to": rolled_back_to,
                      "reason": f"held-out answer agreement {agreement:.3f} fell below min_agreement "
                                f"{self.config.min_agreement} at step {step}: training stopped and the model rolled "
-                               f"back to step {rolled_back_to}" + (" (the source model)" if rolled_back_to == 0 else "")}
+                               f"back to step {rolled_back_to}{source}"}
             self._append_log(entry)
             self._save_model(state)
-            atomic_write_json(os.path.join(self.out_dir, STOPPED), {"identity": self.identity, "entry": entry})
+            atomic_write_json(os.path.join(self.out_dir, STOPPED), {"identity": self.identity, "entry": entry,
+                                                                    "min_agreement": self.config.min_agreement})
         self.processes.barrier()
         return entry
 
@@ -511,7 +520,8 @@ class _Run:
         return {f"lm.{k}": v for k, v in source.state_dict().items()}, 0
 
     def _read_stopped(self) -> dict | None:
-        """The stop entry of an earlier run of this configuration that the guard rail stopped (None if none)."""
+        """The stop entry of an earlier run of this configuration that the guard rail stopped (None if none).
+        Under another threshold the stop no longer holds: it is forgotten and the run resumes."""
         path = os.path.join(self.out_dir, STOPPED)
         if not os.path.exists(path):
             return None
@@ -519,7 +529,12 @@ class _Run:
             stopped = json.load(f)
         if stopped["identity"] != self.identity:
             raise ValueError(f"{path}: another training run stopped here; train into another --out directory")
-        return stopped["entry"]
+        if stopped["min_agreement"] == self.config.min_agreement:
+            return stopped["entry"]
+        self.processes.barrier()  # every process has read it before it goes
+        if self.processes.is_main:
+            os.remove(path)
+        return None
 
     # ------------------------------------------------------------ checkpoints
 
