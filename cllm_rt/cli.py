@@ -110,7 +110,8 @@ def _train(args) -> None:
 
     config = TrainConfig(objective=args.objective, loss=args.loss, max_steps=args.max_steps, lr=args.lr,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed,
-                         save_every=args.save_every, grad_checkpointing=args.grad_checkpointing,
+                         save_every=args.save_every, keep_models=args.keep_models,
+                         grad_checkpointing=args.grad_checkpointing,
                          ar_weight=args.ar_weight, ar_target=args.ar_target, max_grad_norm=args.max_grad_norm,
                          weight_decay=args.weight_decay, fsdp=args.fsdp, noise_window=args.noise_window,
                          heldout=args.heldout, min_agreement=args.min_agreement)
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=100, help="checkpoint (and held-out check) every N steps")
+    train.add_argument("--keep-models", action="store_true",
+                       help="also keep each checkpoint's weights as a model directory OUT/step-N (to evaluate a curve)")
     train.add_argument("--grad-checkpointing", action="store_true")
     train.add_argument("--ar-weight", type=float, default=10.0, help="weight of the AR loss")
     train.add_argument("--ar-target", choices=["greedy", "reference"], default="greedy",

@@ -108,7 +108,8 @@ def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path, objective):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
-    config = TrainConfig(**OBJECTIVES[objective], lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2)
+    config = TrainConfig(**OBJECTIVES[objective], lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2,
+                         keep_models=True)
     train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
 
     log_step = train_module._Run._log
@@ -129,6 +130,12 @@ def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
     assert [e["step"] for e in resumed] == list(range(1, 7))
     assert [(e["loss"], e["lr"]) for e in resumed] == [(e["loss"], e["lr"]) for e in whole]
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+    # every checkpoint kept its model: the one before the kill, the ones after, the last = the final model
+    for step in (2, 4, 6):
+        _assert_same_weights(tmp_path / "whole" / f"step-{step}", tmp_path / "cut" / f"step-{step}")
+    _assert_same_weights(tmp_path / "whole" / "step-6", tmp_path / "whole")
+    with pytest.raises(AssertionError):
+        _assert_same_weights(tmp_path / "whole" / "step-4", tmp_path / "whole")
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

@@ -155,12 +155,11 @@ class Decoder:
     def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int]) -> None:
         """Prefill ``prompts`` (token lists) in one forward; they join the batch at the next step."""
         self._check_entered()
-        for name, value in zip(("max_new_tokens",) * len(max_new_tokens), max_new_tokens):
-            _check_count(name, value)
-        vocab = self.model.get_input_embeddings().num_embeddings
+        for value in max_new_tokens:
+            _check_count("max_new_tokens", value)
         for p in prompts:
-            if not p or min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {vocab})")
+            if not p or min(p) < 0 or max(p) >= self.vocab:
+                raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {self.vocab})")
         check_positions(self.model, max(map(len, prompts)), max(max_new_tokens))
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)

@@ -34,7 +34,8 @@ step.
 
 Outputs in ``out_dir``: the trained model as a plain Hugging Face directory (``save_pretrained`` in the
 source checkpoint's dtype, plus the tokenizer when the source has one), ``checkpoint.pt`` (the resume
-point, rewritten atomically every ``save_every`` steps and at the end), and ``log.jsonl`` (one line per
+point, rewritten atomically every ``save_every`` steps and at the end; with ``keep_models`` each checkpoint's
+weights also stay as a model directory ``step-N/``, to evaluate points along training), and ``log.jsonl`` (one line per
 step: loss terms, lr, grad norm, tokens/s and blocks/s, where tokens are those of all forwards of the step
 and blocks those with a consistency term; the held-out check's numbers on checkpoint steps; a last line
 with ``event: stopped`` and its ``reason`` when the guard rail stopped the run).
@@ -80,6 +81,7 @@ class TrainConfig:
     warmup: int = 0  # steps of linear warmup before the cosine decay
     seed: int = 0
     save_every: int = 100  # also the interval of the held-out check
+    keep_models: bool = False  # also write each checkpoint's weights as a loadable model, out_dir/step-N/
     grad_checkpointing: bool = False
     ar_weight: float = 10.0
     ar_target: str = "greedy"  # "greedy": the target's own answer; "reference": the dataset's answer (cllm-*)
@@ -300,8 +302,8 @@ class _Run:
             "source_model": model_fingerprint(self.lm)["sha256"], "global_batch": self.world_batch * config.grad_accum,
             "micro_batch": self.world_batch, "max_steps": self.max_steps,
             **{k: v for k, v in dataclasses.asdict(config).items()
-               if k not in ("batch_size", "save_every", "grad_checkpointing", "fsdp", "max_steps", "loss",
-                            "min_agreement")}}
+               if k not in ("batch_size", "save_every", "keep_models", "grad_checkpointing", "fsdp", "max_steps",
+                            "loss", "min_agreement")}}
         self.order = DataOrder(len(self.samples), config.seed)
         self._checker = None  # the held-out check's model, on the main process, built at the first check
 
@@ -555,6 +557,8 @@ class _Run:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        if self.config.keep_models:
+            self._save_model(model_state, os.path.join(self.out_dir, f"step-{step}"))
         if self.processes.is_main:
             state = {"step": step, "identity": self.identity, "model": model_state, "optimizer": optimizer_state,
                      "scheduler": scheduler.state_dict(), "rng": rngs}
@@ -602,19 +606,21 @@ class _Run:
 
         return get_model_state_dict(module, options=self._state_options())
 
-    def _save_model(self, state: dict) -> None:
+    def _save_model(self, state: dict, out_dir: str | None = None) -> None:
         """Write ``state`` (``lm.``-prefixed, as the module's) as a plain Hugging Face directory in the source
-        dtype, plus the tokenizer (on the main process)."""
+        dtype, plus the tokenizer, into ``out_dir`` (default: the run's; on the main process)."""
+        out_dir = out_dir or self.out_dir
         if self.processes.is_main:
+            os.makedirs(out_dir, exist_ok=True)
             weights = {k.removeprefix("lm."): v.to(self.save_dtype) for k, v in state.items()}
             self.lm.config.dtype = self.save_dtype
-            with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".model-") as tmp:
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model-") as tmp:
                 self.lm.save_pretrained(tmp, state_dict=weights)
                 tokenizer = _load_tokenizer(self.model_dir)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 for name in os.listdir(tmp):  # each file lands whole; a rerun rewrites any it missed
-                    os.replace(os.path.join(tmp, name), os.path.join(self.out_dir, name))
+                    os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
 @contextlib.contextmanager
