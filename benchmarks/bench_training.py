@@ -109,7 +109,7 @@ def _eval_examples(args):
 
 
 def stage_evaluate(args) -> None:
-    """Evaluate this worker's share of the models (every other one, starting at ``args.share``)."""
+    """Evaluate this worker's share of the models (of two shares balanced by the methods each model runs)."""
     import torch
 
     from cllm_rt.demo import evaluate
@@ -120,8 +120,13 @@ def stage_evaluate(args) -> None:
     target, tokenizer = load_model(MODEL, dtype="float32")
     answers = [p.answer for p in load_trajectories(os.path.join(args.out, "trajectories")).prompts]
     jobs = [("target", None)] + [(name, path) for name, path, _, _ in _checkpoints(args.out)]
+    shares, load = ([], []), [0, 0]
+    for name, path in jobs:  # the target runs 3 methods, a trained model 2: each job to the lighter share
+        lighter = load.index(min(load))
+        shares[lighter].append((name, path))
+        load[lighter] += 3 if path is None else 2
     settings = evaluate.EvalSettings(block_size=BLOCK_SIZE)
-    for name, path in jobs[args.share::2]:
+    for name, path in shares[args.share]:
         models = {"target": target}
         methods = ("target+hf", "target+jacobi", "target+best")
         if path is not None:
@@ -146,7 +151,8 @@ def _summary(records: list[dict], reference: dict[int, list[int]], examples, tok
             "non_loop_tokens_per_forward": (sum(len(r["tokens"]) for r in clean) / sum(r["forwards"] for r in clean)
                                             if clean else None),
             "loop_share": sum(looping) / len(records),
-            **{k: sum(q[k] for q in quality) / len(quality) for k in ("same", "answer_agreement", "accuracy")}}
+            **{k: sum(q[k] for q in quality) / len(quality)
+               for k in ("same", "token_agreement", "answer_agreement", "accuracy")}}
 
 
 def report(args) -> dict:
@@ -157,7 +163,13 @@ def report(args) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(MODEL)))
     examples = _eval_examples(args)["math"]
-    runs = lambda name: data.read_jsonl(os.path.join(args.out, "eval", name, "runs.jsonl"))  # noqa: E731
+    def runs(name: str) -> list[dict]:
+        records = data.read_jsonl(os.path.join(args.out, "eval", name, "runs.jsonl"))
+        methods = 3 if name == "target" else 2
+        if len(records) < methods * len(examples):
+            sys.exit(f"{name}: {len(records)} of {methods * len(examples)} runs evaluated; run --stage evaluate")
+        return records
+
     target = runs("target")
     reference = {r["index"]: r["tokens"] for r in target if r["method"] == "target+hf"}
     rows = [{"model": "target", "objective": None, "step": 0, "minutes": 0.0,
@@ -193,12 +205,16 @@ def report(args) -> dict:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| model | train min | tok/fwd Jacobi | tok/fwd best | loop share | answer agreement | accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | train min | tok/fwd Jacobi (non-loop) | tok/fwd best (non-loop) | loop share | "
+             "token agreement (first 64) | same answer tokens | final-answer agreement | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    number = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for r in results["rows"]:
         j, b = r["jacobi"], r["best"]
-        lines.append(f"| {r['model']} | {r['minutes']:.1f} | {j['tokens_per_forward']:.2f} | "
-                     f"{b['tokens_per_forward']:.2f} | {j['loop_share']:.0%} | {j['answer_agreement']:.0%} | "
+        lines.append(f"| {r['model']} | {r['minutes']:.1f} | {j['tokens_per_forward']:.2f} "
+                     f"({number(j['non_loop_tokens_per_forward'])}) | {b['tokens_per_forward']:.2f} "
+                     f"({number(b['non_loop_tokens_per_forward'])}) | {j['loop_share']:.0%} | "
+                     f"{j['token_agreement']:.0%} | {j['same']:.0%} | {j['answer_agreement']:.0%} | "
                      f"{j['accuracy']:.0%} |")
     lines += ["", "| objective | steps | batch | minutes | tokens/s | blocks/s | blocks seen |", "|---|---|---|---|---|---|---|"]
     for objective, t in results["training"].items():
@@ -224,6 +240,8 @@ def _plot(rows: list[dict], path: str) -> None:
                      label=f"{objective}, best exact decoding")
         axes[1].plot(minutes, [r["jacobi"]["answer_agreement"] for r in curve], "o-", color=color,
                      label=f"{objective}: answer agreement")
+        axes[1].plot(minutes, [r["jacobi"]["token_agreement"] for r in curve], "^--", color=color,
+                     label=f"{objective}: token agreement (first 64)")
         axes[1].plot(minutes, [r["jacobi"]["accuracy"] for r in curve], "s:", color=color,
                      label=f"{objective}: GSM8K accuracy")
     axes[0].set(xlabel="training minutes (1 thread)", ylabel="held-out tokens per forward", title="Speed")
