@@ -2,7 +2,9 @@
 
 SmolLM2-135M-Instruct (the ``smollm2-135m-instruct`` short name, converted once from its PyPI GGUF) on this
 CPU. For each number of concurrent clients, every client sends chat requests one after another (a closed loop)
-until ``--requests`` have been answered in all:
+until ``--requests`` have been answered in all. The requests are GSM8K test questions (``--data-dir``), each
+sent once in the whole run: the server's corpus drafts learn from earlier answers (as in production), so a
+repeated prompt would come back from memory at many tokens per forward and measure a cache.
 
 * **cllm_rt serve**: the server runs in this process on a free loopback port; clients stream
   ``/v1/chat/completions`` over HTTP (httpx), ``max_tokens=--max-tokens``.
@@ -46,25 +48,20 @@ import transformers
 from cllm_rt import serve
 from cllm_rt.models import load_model
 
-PROMPTS = [
-    "Write a Python function that checks whether a number is prime.",
-    "Explain photosynthesis in two sentences.",
-    "What is the capital of France, and what is it known for?",
-    "Give me three tips for writing clear emails.",
-    "Translate 'good morning, how are you?' into Spanish.",
-    "Write a haiku about the sea.",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet in one paragraph.",
-    "How many minutes are there in a week? Show the calculation.",
-    "Write a SQL query that counts the orders per customer.",
-    "Name four planets of the solar system and one fact about each.",
-    "What does HTTP stand for and what is it used for?",
-    "Suggest a name for a bakery and explain why.",
-    "Write a short story opening about a lost key.",
-    "What are the benefits of regular exercise?",
-    "Explain what a hash table is to a beginner.",
-]
 NAME = "smollm2-135m-instruct"
+
+
+def _questions(data_dir: str | None, count: int) -> list[str]:
+    """The first ``count`` GSM8K test questions (real user-like requests, each distinct)."""
+    from cllm_rt.demo.data import default_data_dir, read_jsonl
+
+    path = os.path.join(data_dir or default_data_dir(), "gsm8k", "test.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: give --data-dir, the directory holding gsm8k/test.jsonl")
+    questions = [row["question"].strip() for row in read_jsonl(path)][:count]
+    if len(questions) < count:
+        raise SystemExit(f"{path} holds {len(questions)} questions; this run needs {count}")
+    return questions
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -201,6 +198,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--json", default="bench_serve.json", help="write the results here")
+    parser.add_argument("--data-dir", help="holds gsm8k/test.jsonl, the questions sent (default: ../shared/data)")
     args = parser.parse_args()
     if args.requests < 1 or args.max_tokens < 1 or min(args.concurrency) < 1:
         parser.error("--requests, --max-tokens and --concurrency must be >= 1")
@@ -209,23 +207,27 @@ def main() -> None:
         print(f"{args.requests} requests keep at most {args.requests} clients busy: levels {levels}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(NAME)
-    requests = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+    questions = _questions(args.data_dir, 1 + len(levels) * args.requests)
+    warm_up, questions = questions[:1], questions[1:]
+    # every request a question never sent before: the server's corpus drafts learn from earlier answers, and a
+    # repeated prompt would be answered from memory, which measures a cache, not decoding
+    per_level = {c: questions[k * args.requests:(k + 1) * args.requests] for k, c in enumerate(levels)}
 
     rows = []
     app = serve.create_app(model, tokenizer, model_name=NAME, block_size=args.block_size,
                            max_batch=max(levels), max_queue=args.requests)
     with serve.background(app) as url:
-        asyncio.run(_serve_load(url, requests[:1], 1, 4))  # warm-up
+        asyncio.run(_serve_load(url, warm_up, 1, 4))
         for clients in levels:
             accepted, steps = _decode_counters(url)
-            results, wall = asyncio.run(_serve_load(url, requests, clients, args.max_tokens))
+            results, wall = asyncio.run(_serve_load(url, per_level[clients], clients, args.max_tokens))
             accepted_after, steps_after = _decode_counters(url)
             rows.append(_summary("cllm_rt serve", clients, results, wall,
                                  tokens_per_forward=(accepted_after - accepted) / (steps_after - steps)))
             print(f"cllm_rt serve, {clients} clients: {wall:.1f} s", flush=True)
-    _hf_load(model, tokenizer, requests[:1], 1, 4)  # warm-up
+    _hf_load(model, tokenizer, warm_up, 1, 4)
     for clients in levels:
-        results, wall = _hf_load(model, tokenizer, requests, clients, args.max_tokens)
+        results, wall = _hf_load(model, tokenizer, per_level[clients], clients, args.max_tokens)
         rows.append(_summary("HF generate, one at a time", clients, results, wall))
         print(f"HF generate, {clients} clients: {wall:.1f} s", flush=True)
 

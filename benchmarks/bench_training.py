@@ -11,7 +11,7 @@ Stages (each resumes what an earlier, interrupted run left in --out):
              loop share, final-answer agreement with the target, accuracy.
   report     results JSON, a markdown table and the curve (PNG).
 
-    python benchmarks/bench_training.py --out runs/training --minutes 35
+    python benchmarks/bench_training.py --out runs/training --minutes 40   # ~2 hours on 2 cores
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=("all", "collect", "train", "evaluate", "report"), default="all")
     parser.add_argument("--prompts", type=int, default=192, help="GSM8K training prompts collected")
     parser.add_argument("--eval-prompts", type=int, default=16, help="GSM8K test prompts evaluated")
-    parser.add_argument("--minutes", type=float, default=35.0, help="training minutes per objective")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training minutes per objective")
     parser.add_argument("--data-dir", help="holds gsm8k/ (default: ../shared/data)")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="where the JSON and the PNG go")
