@@ -17,9 +17,10 @@ the client sends) and per-token latency (first to last token over the tokens aft
 and for cllm_rt the tokens per forward the server reports. Prints a markdown table, writes JSON with the
 machine (lscpu model name), versions and settings. Needs ``pip install -e ".[serve,test]"`` (httpx).
 
-Full run (tens of minutes on 2 cores; run it on a quiet machine):
+Full run (run it on a quiet machine):
 
     python benchmarks/bench_serve.py --requests 32 --max-tokens 128 --concurrency 1 4 16 --json bench_serve.json
+    # measured: ~35 minutes on the 2-core Xeon VM (HF alone ~6.5-7.5 min per level)
 
 Smoke run:
 
@@ -225,11 +226,13 @@ def main() -> None:
             rows.append(_summary("cllm_rt serve", clients, results, wall,
                                  tokens_per_forward=(accepted_after - accepted) / (steps_after - steps)))
             print(f"cllm_rt serve, {clients} clients: {wall:.1f} s", flush=True)
+            _write(args, rows)  # a run killed later keeps the levels it finished
     _hf_load(model, tokenizer, warm_up, 1, 4)
     for clients in levels:
         results, wall = _hf_load(model, tokenizer, per_level[clients], clients, args.max_tokens)
         rows.append(_summary("HF generate, one at a time", clients, results, wall))
         print(f"HF generate, {clients} clients: {wall:.1f} s", flush=True)
+        _write(args, rows)
 
     hf = {row["clients"]: row for row in rows if row["method"].startswith("HF")}
     machine = _machine()
@@ -246,9 +249,13 @@ def main() -> None:
               f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
               f"{_ms(row['per_token_p50_ms'])} | {_ms(row['per_token_p99_ms'])} | "
               f"{'' if tpf is None else f'{tpf:.2f}'} | {same}/{row['requests']} |")
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(dict(machine=machine, settings=vars(args), model=NAME, rows=rows), f, indent=1)
+    _write(args, rows)
     print(f"\nwrote {args.json}")
+
+
+def _write(args, rows: list[dict]) -> None:
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(dict(machine=_machine(), settings=vars(args), model=NAME, rows=rows), f, indent=1)
 
 
 def _ms(value: float | None) -> str:
