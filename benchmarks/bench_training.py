@@ -137,26 +137,8 @@ def stage_evaluate(args) -> None:
         print(f"evaluated {name}", flush=True)
 
 
-def _summary(records: list[dict], reference: dict[int, list[int]], examples, tokenizer) -> dict:
-    """One method's numbers over the evaluated prompts (``reference``: the target's HF greedy answers)."""
-    from cllm_rt.demo import data
-
-    text = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
-    looping = [data.falls_into_loop(r["tokens"]) for r in records]
-    clean = [r for r, loops in zip(records, looping) if not loops]
-    quality = [data.quality("math", text(r["tokens"]), text(reference[r["index"]]), examples[r["index"]].reference,
-                            r["tokens"], reference[r["index"]]) for r in records]
-    return {"prompts": len(records),
-            "tokens_per_forward": sum(len(r["tokens"]) for r in records) / sum(r["forwards"] for r in records),
-            "non_loop_tokens_per_forward": (sum(len(r["tokens"]) for r in clean) / sum(r["forwards"] for r in clean)
-                                            if clean else None),
-            "loop_share": sum(looping) / len(records),
-            **{k: sum(q[k] for q in quality) / len(quality)
-               for k in ("same", "token_agreement", "answer_agreement", "accuracy")}}
-
-
 def report(args) -> dict:
-    from cllm_rt.demo import data
+    from cllm_rt.demo import data, evaluate
     from cllm_rt.demo.pipeline import machine_info, versions
     from cllm_rt.models import resolve_model
     from transformers import AutoTokenizer
@@ -171,15 +153,17 @@ def report(args) -> dict:
         return records
 
     target = runs("target")
-    reference = {r["index"]: r["tokens"] for r in target if r["method"] == "target+hf"}
-    rows = [{"model": "target", "objective": None, "step": 0, "minutes": 0.0,
-             **{how: _summary([r for r in target if r["method"] == f"target+{how}"], reference, examples, tokenizer)
-                for how in ("jacobi", "best")}}]
+
+    def decodings(which: str, records: list[dict]) -> dict:
+        """Plain Jacobi and best decoding of one model, against the target's HF greedy answers."""
+        rows = evaluate.summarize(target + records, tokenizer, {"math": examples},
+                                  methods=(f"{which}+jacobi", f"{which}+best"))
+        return {row["method"].split("+")[1]: row for row in rows}
+
+    rows = [{"model": "target", "objective": None, "step": 0, "minutes": 0.0, **decodings("target", [])}]
     for name, _, step, minutes in _checkpoints(args.out):
-        records = runs(name)
         rows.append({"model": name, "objective": name.split("@")[0], "step": step, "minutes": minutes,
-                     **{how: _summary([r for r in records if r["method"] == f"cllm+{how}"], reference, examples,
-                                      tokenizer) for how in ("jacobi", "best")}})
+                     **decodings("cllm", runs(name))})
     training = {}
     for objective in OBJECTIVES:
         log = [e for e in _log(os.path.join(args.out, objective)) if "loss" in e][1:]  # the first step warms up

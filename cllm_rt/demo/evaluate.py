@@ -153,14 +153,16 @@ def evaluate(models: dict, tokenizer, examples: dict[str, list[data.Example]], m
     return [done[(d, i, m)] for d, i, _ in jobs for m in methods]
 
 
-def summarize(records: list[dict], tokenizer, examples: dict[str, list[data.Example]]) -> list[dict]:
-    """One table row per (method, domain): speed, tokens per forward, quality, loop share."""
+def summarize(records: list[dict], tokenizer, examples: dict[str, list[data.Example]],
+              methods=METHODS) -> list[dict]:
+    """One table row per (method, domain) of ``methods``: speed, tokens per forward, quality, loop share
+    (``records`` must hold the baseline's runs too)."""
     by_key = {(r["domain"], r["index"], r["method"]): r for r in records}
     rows = []
     for domain, exs in examples.items():
         baseline = [by_key[(domain, i, BASELINE)] for i in range(len(exs))]
         base_rate = sum(len(r["tokens"]) for r in baseline) / sum(r["seconds"] for r in baseline)
-        for method in METHODS:
+        for method in methods:
             runs = [by_key.get((domain, i, method)) for i in range(len(exs))]
             if any(r is None for r in runs):
                 continue
