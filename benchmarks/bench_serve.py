@@ -48,6 +48,7 @@ import transformers
 
 from cllm_rt import serve
 from cllm_rt.models import load_model
+from cllm_rt.runtime.inputs import resolve_special_tokens
 
 NAME = "smollm2-135m-instruct"
 
@@ -169,8 +170,7 @@ def _chat_ids(tokenizer, prompt: str) -> list[int]:
 
 def _answer_text(tokenizer, model, new: list[int]) -> str:
     """The text the server would send for these tokens (EOS left out)."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = set(resolve_special_tokens(model)[0])  # the server's own EOS set
     return tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
 
 
