@@ -345,6 +345,7 @@ class _Run:
         autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=processes.device.type == "cuda")
         bar = tqdm(total=self.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
         entry = self._last_logged()
+        final_state = None  # the last step's gathered weights (it is always a checkpoint), reused for the model
         while step < self.max_steps:
             start = time.perf_counter()
             terms = []
@@ -373,9 +374,10 @@ class _Run:
                 bar.close()
                 return self._stop(step, check["heldout_agreement"])
             if checkpoint:
-                self._save_checkpoint(step, module, optimizer, scheduler)
+                weights = self._save_checkpoint(step, module, optimizer, scheduler)
+                final_state = weights if step == self.max_steps else None  # no model copy held between checkpoints
         bar.close()
-        self._save_model(self._full_state(module))
+        self._save_model(final_state if final_state is not None else self._full_state(module))
         self.processes.barrier()
         return entry
 
@@ -545,7 +547,8 @@ class _Run:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def _save_checkpoint(self, step, module, optimizer, scheduler) -> None:
+    def _save_checkpoint(self, step, module, optimizer, scheduler) -> dict:
+        """Write the resumable checkpoint (and ``step-N/`` with ``keep_models``); return the gathered weights."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         model_state = self._full_state(module)
@@ -564,6 +567,7 @@ class _Run:
                      "scheduler": scheduler.state_dict(), "rng": rngs}
             atomic_write(os.path.join(self.out_dir, CHECKPOINT), lambda tmp: torch.save(state, tmp))
         self.processes.barrier()
+        return model_state
 
     def _resume(self, module, optimizer, scheduler) -> int:
         """Load the checkpoint in out_dir if there is one; return the step to continue from."""
