@@ -40,7 +40,7 @@ from transformers.generation import (EosTokenCriteria, GenerateDecoderOnlyOutput
 from transformers.generation.configuration_utils import GenerationMode
 
 from .runtime.decoding import Decoder
-from .runtime.inputs import check_model, check_token_ids, unpad_prompts
+from .runtime.inputs import check_model, unpad_prompts
 
 __all__ = ["CUSTOM_GENERATE_DIR", "generate", "generate_from_directory"]
 
@@ -71,7 +71,6 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
     _check_greedy(generation_config, logits_processor)
     attention_mask = _check_model_inputs(model_kwargs)
     tokens, lengths = unpad_prompts(input_ids, attention_mask)
-    check_token_ids(model, input_ids)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")
     rows = _Rows(input_ids, stopping_criteria, generation_config)

@@ -33,7 +33,7 @@ from .attention import jacobi_attention
 from .cache import JacobiCache
 from .cost import StepCost, choose_budget
 from .drafts import SOURCES, AcceptanceStats, Corpus, DraftTree, NgramIndex
-from .inputs import (NOT_GIVEN, check_model, check_positions, check_token_ids, raise_on_nan, resolve_special_tokens,
+from .inputs import (NOT_GIVEN, check_model, check_positions, raise_on_nan, resolve_special_tokens,
                      unpad_prompts)
 from .step import PromptGuesses, prefill, tree_step
 
@@ -157,9 +157,12 @@ class Decoder:
         self._check_entered()
         for value in max_new_tokens:
             _check_count("max_new_tokens", value)
-        for p in prompts:
-            if not p or min(p) < 0 or max(p) >= self.vocab:
-                raise ValueError(f"a prompt must be a non-empty list of token ids in [0, {self.vocab})")
+        for p in prompts:  # the one check of the ids: torch would raise an IndexError from deep in the model
+            if not p:
+                raise ValueError("a prompt must be a non-empty list of token ids")
+            if min(p) < 0 or max(p) >= self.vocab:
+                raise ValueError(f"prompts must be token ids in [0, {self.vocab}) for this model, got values in "
+                                 f"[{min(p)}, {max(p)}]")
         check_positions(self.model, max(map(len, prompts)), max(max_new_tokens))
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
@@ -268,7 +271,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     check_model(model)
     eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config)
     tokens, lengths = unpad_prompts(input_ids, attention_mask)
-    check_token_ids(model, input_ids)
     if streamer is not None and tokens.shape[0] != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")
     prompts = [row[:n].tolist() for row, n in zip(tokens, lengths.tolist())]
@@ -277,9 +279,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     outputs: list[list[int]] = [[] for _ in prompts]
     with Decoder(model, block_size=block_size, drafts=drafts, max_tree_nodes=max_tree_nodes, corpus=corpus,
                  eos=eos, seed=seed) as decoder:
+        decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))  # checks the ids first
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))
         while decoder.rows:
             for handle, new, _ in decoder.step():
                 outputs[handle] += new

@@ -114,14 +114,6 @@ def unpad_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     return input_ids.long().gather(1, source), lengths.long()
 
 
-def check_token_ids(model, input_ids: torch.Tensor) -> None:
-    """Refuse ids the embedding has no row for (torch would raise an IndexError from deep inside the model)."""
-    vocab = model.get_input_embeddings().num_embeddings
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"input_ids must be token ids in [0, {vocab}) for this model, got values in [{low}, {high}]")
-
-
 def check_positions(model, longest_prompt: int, max_new_tokens: int) -> None:
     """Refuse sequences the model has no positions for, or that a sliding window would cut."""
     config = model.config
