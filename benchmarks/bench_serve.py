@@ -19,8 +19,9 @@ machine (lscpu model name), versions and settings. Needs ``pip install -e ".[ser
 
 Full run (run it on a quiet machine):
 
-    python benchmarks/bench_serve.py --requests 32 --max-tokens 128 --concurrency 1 4 16 --json bench_serve.json
-    # measured: ~35 minutes on the 2-core Xeon VM (HF alone ~6.5-7.5 min per level)
+    python benchmarks/bench_serve.py --requests 32 --max-tokens 128 --concurrency 1 4 16 \
+        --json benchmarks/results/serve-smollm2-float32.json
+    # measured: 25 minutes on the 2-core Xeon VM (HF alone 5-6 min per level)
 
 Smoke run:
 
