@@ -81,13 +81,14 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
                                          seed=seed) as decoder:
         decoder.add(prompts, [rows.budget] * len(prompts), list(range(len(prompts))))
         while decoder.rows:
-            for handle, new, _ in decoder.step():
+            for handle, new, _ in decoder.emit():
                 streamed = rows.take(handle, new)
                 if streamer is not None:
                     for token in streamed:
                         streamer.put(torch.tensor([token]))  # one token per put, as HF's loop puts them
             for handle in rows.done():
                 decoder.remove(handle)
+            decoder.decode()
     if streamer is not None:
         streamer.end()
     sequences = rows.sequences().to(input_ids.device)

@@ -3,7 +3,8 @@
 FastAPI + uvicorn serve ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template),
 ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text). One background thread owns the model and a
 :class:`cllm_rt.runtime.decoding.Decoder`: requests that arrive while others decode join the running batch between
-two steps (prefilled together in one forward), finished rows leave it, and a request whose client went away is
+two steps (prefilled together in one forward), tokens reach their clients as soon as a forward (or a prefill)
+made them final, finished rows leave it, and a request whose client went away is
 removed from it. Each request's tokens become text on that thread (:class:`TextStream`: whole characters only,
 cut before a stop string) and travel to the event loop as deltas, streamed as server-sent events.
 
@@ -293,7 +294,7 @@ class Engine:
                 self.metrics.prompt_tokens.inc(sum(len(g.prompt) for g in joining))
             if not self._active:
                 return
-            events = decoder.step()
+            events = decoder.emit()  # before the next forward: a first token right after its prefill
             now = time.perf_counter()
             done = []
             for handle, new, finished in events:
@@ -314,16 +315,18 @@ class Engine:
                 self.metrics.running.set(len(self._active))
             for generation in done:
                 self.metrics.finished(generation)
+            if not decoder.rows:
+                continue  # every row just finished or stopped: no forward to run or count
+            decoder.decode()
             histogram = decoder.stats.accepted_histogram
             steps, tokens = sum(histogram), sum(k * c for k, c in enumerate(histogram))
-            if steps > seen_steps:  # the step ran a forward (it does unless every row just finished)
-                self.metrics.forwards.inc()
-                self.metrics.row_steps.inc(steps - seen_steps)
-                self.metrics.accepted.inc(tokens - seen_tokens)
-                self._row_steps += steps - seen_steps
-                self._accepted += tokens - seen_tokens
-                self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
-                seen_steps, seen_tokens = steps, tokens
+            self.metrics.forwards.inc()
+            self.metrics.row_steps.inc(steps - seen_steps)
+            self.metrics.accepted.inc(tokens - seen_tokens)
+            self._row_steps += steps - seen_steps
+            self._accepted += tokens - seen_tokens
+            self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
+            seen_steps, seen_tokens = steps, tokens
 
     def _admit(self, decoder: Decoder) -> list[_Generation]:
         """Apply cancellations; move waiting requests into the batch while rows are free."""

@@ -31,10 +31,11 @@ def test_rows_joining_between_steps_decode_as_alone(arch, drafts):
                 decoder.add(prompts[1:3], budgets[1:3], [1, 2])  # join a running batch (its cache grows)
             if step == 5:
                 decoder.add(prompts[3:], budgets[3:], [3])
-            for handle, new, done in decoder.step():
+            for handle, new, done in decoder.emit():
                 outputs[handle] += new
                 if done:
                     finished.add(handle)
+            decoder.decode()
             if step > 5 and not decoder.rows:
                 break
     assert finished == {0, 1, 2, 3}
@@ -50,14 +51,31 @@ def test_a_removed_row_stops_and_the_others_continue():
     with torch.inference_mode(), Decoder(model, corpus=Corpus()) as decoder:
         decoder.add(prompts, [MAX_NEW, MAX_NEW], [0, 1])
         for _ in range(3):
-            for handle, new, _ in decoder.step():
+            for handle, new, _ in decoder.emit():
                 outputs[handle] += new
+            decoder.decode()
         decoder.remove(0)
         while decoder.rows:
-            for handle, new, _ in decoder.step():
+            for handle, new, _ in decoder.emit():
                 outputs[handle] += new
+            decoder.decode()
     assert 0 < len(outputs[0]) < MAX_NEW and outputs[0] == _alone(model, prompts[0], MAX_NEW)[:len(outputs[0])]
     assert outputs[1] == _alone(model, prompts[1], MAX_NEW)
+
+
+def test_a_first_token_is_emitted_after_the_prefill_without_a_forward():
+    model = tiny_model("llama")
+    ids, mask = random_prompts(2, [6, 4])
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    first = [(i, _alone(model, p, 1)) for i, p in enumerate(prompts)]
+    with torch.inference_mode(), Decoder(model, corpus=Corpus()) as decoder:
+        decoder.add(prompts, [MAX_NEW, MAX_NEW], [0, 1])
+        events = decoder.emit()
+        assert decoder.stats.forward_passes == 0
+        assert [(h, new) for h, new, _ in events] == first
+        assert decoder.emit() == [(0, [], False), (1, [], False)]  # nothing new until a forward
+        decoder.decode()
+        assert decoder.stats.forward_passes == 1 and all(new for _, new, _ in decoder.emit())
 
 
 def test_decoder_outside_its_context_and_bad_prompts_are_refused():

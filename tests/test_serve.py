@@ -223,10 +223,10 @@ def test_a_failed_step_fails_its_requests_and_the_server_lives_on(tokenizer, ref
     failures = iter([True])
 
     class Failing(serve.Decoder):
-        def step(self):
+        def decode(self):
             if next(failures, False):
                 raise FloatingPointError("the model produced NaN")
-            return super().step()
+            return super().decode()
 
     monkeypatch.setattr(serve, "Decoder", Failing)
     with serve.background(serve.create_app(_model(), tokenizer, model_name=NAME)) as url:

@@ -115,7 +115,10 @@ class _Row:
 class Decoder:
     """A running batch decoded together: rows join with :meth:`add` and leave once done, between steps.
 
-    ``generate`` is one ``add`` of the whole batch, then :meth:`step` until no row is left; a server adds
+    A step is :meth:`emit` (the tokens made final since the last forward; no forward) then :meth:`decode`
+    (one forward over every row), apart so that a caller hands tokens on before the next forward runs: a
+    row's first token right after its prefill, a stop string found before a forward is spent on its row.
+    ``generate`` is one ``add`` of the whole batch, then steps until no row is left; a server adds
     requests as they arrive (continuous batching). Use it as a context manager: inside, the model's
     attention runs over this decoder's cache (:func:`cllm_rt.runtime.attention.jacobi_attention`).
     ``eos``: token ids that end a row. Other options as in :func:`generate`.
@@ -153,7 +156,7 @@ class Decoder:
         self._attention = None
 
     def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int]) -> None:
-        """Prefill ``prompts`` (token lists) in one forward; they join the batch at the next step."""
+        """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit."""
         self._check_entered()
         for value in max_new_tokens:
             _check_count("max_new_tokens", value)
@@ -179,17 +182,20 @@ class Decoder:
             row.history.extend(p)
             self.rows.append(row)
 
-    def step(self) -> list[tuple[int, list[int], bool]]:
-        """Emit every row's newly final tokens, retire finished rows, then verify one tree per remaining row.
+    def emit(self) -> list[tuple[int, list[int], bool]]:
+        """Every row's tokens made final since the last forward (or its prefill); retire finished rows.
 
         Returns ``(handle, new tokens, finished)`` per row that was active; a finished row's output is cut at
         EOS or its budget and added to the draft corpus.
         """
         self._check_entered()
-        events = self._retire_finished()
+        return self._retire_finished()
+
+    def decode(self) -> None:
+        """Verify one draft tree per row in one forward (nothing without rows); emit hands on what it made final."""
+        self._check_entered()
         if self.rows:
             self._decode()
-        return events
 
     def remove(self, handle: int) -> None:
         """Drop a row before it finishes (e.g. its client went away)."""
@@ -206,6 +212,7 @@ class Decoder:
         for i, row in enumerate(self.rows):
             before = len(row.output)
             done = _emit(row.output, row.pending, row.max_new_tokens, self.eos)
+            row.pending = []  # each token is emitted once, however often emit is called between forwards
             row.history.extend(row.output[before:])
             events.append((row.index, row.output[before:], done))
             if done:
@@ -283,10 +290,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if streamer is not None:
             streamer.put(input_ids.cpu())
         while decoder.rows:
-            for handle, new, _ in decoder.step():
+            for handle, new, _ in decoder.emit():
                 outputs[handle] += new
                 if streamer is not None:
                     streamer.put(torch.tensor(new))
+            decoder.decode()
     if streamer is not None:
         streamer.end()
     stats = decoder.stats
