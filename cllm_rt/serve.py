@@ -3,8 +3,8 @@
 FastAPI + uvicorn serve ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template),
 ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text). One background thread owns the model and a
 :class:`cllm_rt.runtime.decoding.Decoder`: requests that arrive while others decode join the running batch between
-two steps (prefilled together in one forward), tokens reach their clients as soon as a forward (or a prefill)
-made them final, finished rows leave it, and a request whose client went away is
+two steps (prefilled together in one forward), tokens go out as soon as a forward (or a prefill) made them
+final, before the next forward runs, finished rows leave the batch, and a request whose client went away is
 removed from it. Each request's tokens become text on that thread (:class:`TextStream`: whole characters only,
 cut before a stop string) and travel to the event loop as deltas, streamed as server-sent events.
 
