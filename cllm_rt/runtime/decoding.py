@@ -189,25 +189,6 @@ class Decoder:
         EOS or its budget and added to the draft corpus.
         """
         self._check_entered()
-        return self._retire_finished()
-
-    def decode(self) -> None:
-        """Verify one draft tree per row in one forward (nothing without rows); emit hands on what it made final."""
-        self._check_entered()
-        if self.rows:
-            self._decode()
-
-    def remove(self, handle: int) -> None:
-        """Drop a row before it finishes (e.g. its client went away)."""
-        keep = [i for i, row in enumerate(self.rows) if row.index != handle]
-        if len(keep) < len(self.rows):
-            self._keep(keep)
-
-    def _check_entered(self) -> None:
-        if self._attention is None:
-            raise RuntimeError("use the Decoder as a context manager: `with Decoder(model) as decoder: ...`")
-
-    def _retire_finished(self) -> list[tuple[int, list[int], bool]]:
         events, keep = [], []
         for i, row in enumerate(self.rows):
             before = len(row.output)
@@ -223,14 +204,11 @@ class Decoder:
             self._keep(keep)
         return events
 
-    def _keep(self, keep: list[int]) -> None:
-        if keep:
-            self.cache.select_rows(torch.tensor(keep, device=self.device), keep)
-        else:
-            self.cache = None  # the next add starts a fresh cache
-        self.rows = [self.rows[i] for i in keep]
-
-    def _decode(self) -> None:
+    def decode(self) -> None:
+        """Verify one draft tree per row in one forward (nothing without rows); emit hands on what it made final."""
+        self._check_entered()
+        if not self.rows:
+            return
         start, stats = time.perf_counter(), self.stats
         if self.plain:  # one width for the batch: the blocks stay chains, no tree bookkeeping
             budget = min(self.block_size, max(row.depth_left + 1 for row in self.rows))
@@ -256,6 +234,23 @@ class Decoder:
         stats.forward_passes += 1
         stats.budgets[budget] = stats.budgets.get(budget, 0) + 1
         self.cost.observe(len(self.rows) * max(map(len, trees)), time.perf_counter() - start)
+
+    def remove(self, handle: int) -> None:
+        """Drop a row before it finishes (e.g. its client went away)."""
+        keep = [i for i, row in enumerate(self.rows) if row.index != handle]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _check_entered(self) -> None:
+        if self._attention is None:
+            raise RuntimeError("use the Decoder as a context manager: `with Decoder(model) as decoder: ...`")
+
+    def _keep(self, keep: list[int]) -> None:
+        if keep:
+            self.cache.select_rows(torch.tensor(keep, device=self.device), keep)
+        else:
+            self.cache = None  # the next add starts a fresh cache
+        self.rows = [self.rows[i] for i in keep]
 
 
 @torch.inference_mode()
