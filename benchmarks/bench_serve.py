@@ -21,7 +21,7 @@ Full run (run it on a quiet machine):
 
     python benchmarks/bench_serve.py --requests 32 --max-tokens 128 --concurrency 1 4 16 \
         --json benchmarks/results/serve-smollm2-float32.json
-    # measured: 25 minutes on the 2-core Xeon VM (HF alone 5-6 min per level)
+    # measured: 25-28 minutes on the 2-core Xeon VM (HF alone 5-6.5 min per level)
 
 Smoke run:
 

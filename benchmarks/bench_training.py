@@ -32,6 +32,8 @@ OBJECTIVES = {  # objective -> micro-batch: cllm-* samples are blocks, jacobi-fo
 }
 BLOCK_SIZE, MAX_NEW_TOKENS, LR = 16, 128, 1e-5
 POINTS = 3  # checkpoints along training that are evaluated
+TARGET_METHODS = ("target+hf", "target+jacobi", "target+best")  # HF greedy: the reference answers
+TRAINED_METHODS = ("cllm+jacobi", "cllm+best")
 
 
 def _math(split: str, count: int, data_dir: str | None):
@@ -121,17 +123,16 @@ def stage_evaluate(args) -> None:
     answers = [p.answer for p in load_trajectories(os.path.join(args.out, "trajectories")).prompts]
     jobs = [("target", None)] + [(name, path) for name, path, _, _ in _checkpoints(args.out)]
     shares, load = ([], []), [0, 0]
-    for name, path in jobs:  # the target runs 3 methods, a trained model 2: each job to the lighter share
+    for name, path in jobs:  # each job to the share with fewer methods to run
         lighter = load.index(min(load))
         shares[lighter].append((name, path))
-        load[lighter] += 3 if path is None else 2
+        load[lighter] += len(TARGET_METHODS if path is None else TRAINED_METHODS)
     settings = evaluate.EvalSettings(block_size=BLOCK_SIZE)
     for name, path in shares[args.share]:
-        models = {"target": target}
-        methods = ("target+hf", "target+jacobi", "target+best")
+        models, methods = {"target": target}, TARGET_METHODS
         if path is not None:
             models["cllm"], _ = load_model(path, dtype="float32")
-            methods = ("cllm+jacobi", "cllm+best")
+            methods = TRAINED_METHODS
         evaluate.evaluate(models, tokenizer, _eval_examples(args), {"math": MAX_NEW_TOKENS},
                           os.path.join(args.out, "eval", name), settings, {"math": answers}, methods, progress=False)
         print(f"evaluated {name}", flush=True)
@@ -147,9 +148,9 @@ def report(args) -> dict:
     examples = _eval_examples(args)["math"]
     def runs(name: str) -> list[dict]:
         records = data.read_jsonl(os.path.join(args.out, "eval", name, "runs.jsonl"))
-        methods = 3 if name == "target" else 2
-        if len(records) < methods * len(examples):
-            sys.exit(f"{name}: {len(records)} of {methods * len(examples)} runs evaluated; run --stage evaluate")
+        expected = len(TARGET_METHODS if name == "target" else TRAINED_METHODS) * len(examples)
+        if len(records) < expected:
+            sys.exit(f"{name}: {len(records)} of {expected} runs evaluated; run --stage evaluate")
         return records
 
     target = runs("target")
