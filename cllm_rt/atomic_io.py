@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from typing import Callable
 
 
@@ -40,10 +42,34 @@ def atomic_write_json(path: str, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the ``.<name>.tmp-<pid>`` files that killed writers left in ``folder`` (call it before writing)."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r"\..+\.tmp-\d+", name) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def read_jsonl_log(path: str) -> list[dict]:
+    """The entries of a JSON-lines log written by appends. A power cut can tear the last append (logs are not
+    fsynced per line): a last line that is not JSON is dropped with a warning; a torn line before it is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not JSON (only a last line torn by a power cut is dropped)") from None
+            warnings.warn(f"{path}: dropped a torn last line ({len(line)} characters; the process was cut off while "
+                          "appending it)", stacklevel=2)
+    return entries
+
+
 def truncate_jsonl_log(path: str, last_step: int) -> None:
-    """Drop the lines of a JSON-lines log whose ``step`` is past ``last_step`` (a resumed run logs them again)."""
+    """Drop the lines of a JSON-lines log whose ``step`` is past ``last_step`` (a resumed run logs them again),
+    and a torn last line."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_text(path, "".join(kept))
+    kept = [entry for entry in read_jsonl_log(path) if entry["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))

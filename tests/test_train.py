@@ -124,8 +124,20 @@ def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
     with pytest.raises(KeyboardInterrupt):
         train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)
     assert [e["step"] for e in _log(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    # a power cut tears the log's last append; kills mid-save leave a checkpoint's temporary and model directories
+    cut = tmp_path / "cut"
+    with open(cut / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.')
+    (cut / ".checkpoint.pt.tmp-4242").write_bytes(b"half a checkpoint")
+    for folder in (cut / ".model-x1", cut / "step-4" / ".model-x2"):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a model")
     monkeypatch.setattr(train_module._Run, "_log", log_step)
-    train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)  # from step 4
+    with pytest.warns(UserWarning, match="torn last line") as warned:
+        train(setup["model"], setup["trajectories"], str(cut), config, progress=False)  # from step 4
+    assert len([w for w in warned if "torn" in str(w.message)]) == 1
+    assert not [name for folder in (cut, cut / "step-2", cut / "step-4") for name in os.listdir(folder)
+                if name.startswith(".")]
     whole, resumed = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [e["step"] for e in resumed] == list(range(1, 7))
     assert [(e["loss"], e["lr"]) for e in resumed] == [(e["loss"], e["lr"]) for e in whole]
@@ -293,7 +305,7 @@ def test_heldout_disagreement_stops_training_and_rolls_back(exact, tmp_path):
     assert all(e["heldout_tokens_per_forward"] >= 1 for e in checks)
     rolled_back_to = last["rolled_back_to"]
     if rolled_back_to:
-        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
         assert state["step"] == rolled_back_to
         expected = {k.removeprefix("lm."): v for k, v in state["model"].items()}
     else:
@@ -313,7 +325,7 @@ def test_heldout_check_rolls_back_to_the_last_passed_checkpoint_or_refuses_to_st
     config = TrainConfig(lr=1e-3, batch_size=2, max_steps=8, save_every=2, heldout=2, min_agreement=0.8)
     last = train(model_dir, trajectories, str(tmp_path / "out"), config, progress=False)
     assert (last["step"], last["rolled_back_to"], last["heldout_agreement"]) == (4, 2, 0.5)
-    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.equal(v, state["model"]["lm." + k]) for k, v in _weights(tmp_path / "out").items())
 
@@ -323,6 +335,61 @@ def test_heldout_check_rolls_back_to_the_last_passed_checkpoint_or_refuses_to_st
 
 
 # ---------------------------------------------------------------- bad inputs: clear errors, nothing written
+
+def _contents(directory) -> dict:
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_out_dir_that_is_the_model_or_holds_other_files_is_refused_untouched(setup, tmp_path):
+    model = save_model(tiny_lm(eos_token_id=EOS), tmp_path / "model", byte_tokenizer())
+    before = _contents(model)
+    for out in (model, os.path.join(model, "trained")):
+        with pytest.raises(ValueError, match="is the model directory .* or inside it"):
+            train(model, setup["trajectories"], out, BASE, progress=False)
+    assert _contents(model) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.jsonl").write_text("my notes\n")
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="is not empty and holds no training run of cllm_rt"):
+        train(setup["model"], setup["trajectories"], str(mine), BASE, progress=False)
+    assert _contents(mine) == {"log.jsonl": b"my notes\n", "config.json": b"{}"}
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_and_another_run_is_refused(setup, tmp_path, monkeypatch):
+    log_step = train_module._Run._log
+
+    def killed_at_step_1(self, step, *args):
+        log_step(self, step, *args)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_module._Run, "_log", killed_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)
+    assert sorted(files_in(tmp_path / "out")) == ["log.jsonl", "run.json"]
+    with pytest.raises(ValueError, match="another training run writes into"):
+        train(setup["model"], setup["trajectories"], str(tmp_path / "out"), dataclasses.replace(BASE, lr=2e-3),
+              progress=False)
+    monkeypatch.setattr(train_module._Run, "_log", log_step)
+    assert train(setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)["step"] == 4
+    assert [e["step"] for e in _log(tmp_path / "out")] == [1, 2, 3, 4]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, ("pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_unpickled(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"step": 1, "payload": _RunsCode()}, out / "checkpoint.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is not a checkpoint of cllm_rt"):
+        train(setup["model"], setup["trajectories"], str(out), BASE, progress=False)
+    assert not os.path.exists(tmp_path / "pwned")
+
 
 def test_trajectories_of_another_tokenizer_are_refused(setup, tmp_path):
     other = byte_tokenizer()

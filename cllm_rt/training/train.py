@@ -49,6 +49,7 @@ import difflib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_write, atomic_write_json, truncate_jsonl_log
+from ..atomic_io import (atomic_write, atomic_write_json, read_jsonl_log, remove_stale_temporaries,
+                         truncate_jsonl_log)
 from ..models import resolve_model
 from .distributed import Processes, torchrun_processes
 from .losses import autoregressive_loss, consistency_loss
@@ -67,6 +69,7 @@ from .storage import BlockTrajectory, PromptTrajectories, load_trajectories, mod
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 STOPPED = "stopped.json"
+RUN = "run.json"  # the run's identity, written first: a directory holding this run's is the run's to resume
 OBJECTIVES = ("cllm-global", "cllm-local", "jacobi-forcing")
 _LOSS_ALIASES = {"global": "cllm-global", "local": "cllm-local"}  # TrainConfig.loss, before objectives
 
@@ -270,6 +273,10 @@ class _Run:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         model_dir = str(resolve_model(model_dir))
+        source, out = os.path.realpath(model_dir), os.path.realpath(out_dir)
+        if out == source or out.startswith(source + os.sep):
+            raise ValueError(f"--out {out_dir} is the model directory {model_dir} or inside it: training would write "
+                             "over the source model; train into another directory")
         self.config, self.processes, self.out_dir, self.model_dir = config, processes, out_dir, model_dir
         self.progress = progress and processes.is_main
         trajectories = load_trajectories(trajectories_dir)
@@ -304,8 +311,26 @@ class _Run:
             **{k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("batch_size", "save_every", "keep_models", "grad_checkpointing", "fsdp", "max_steps",
                             "loss", "min_agreement")}}
+        self._check_out_dir()
         self.order = DataOrder(len(self.samples), config.seed)
         self._checker = None  # the held-out check's model, on the main process, built at the first check
+
+    def _check_out_dir(self) -> None:
+        """Refuse an out_dir that holds anything but this run's own files: training writes a model, a log and a
+        checkpoint there, over whatever has those names."""
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"--out {self.out_dir} is a file, not a directory")
+        if not os.path.isdir(self.out_dir) or all(name.startswith(".") for name in os.listdir(self.out_dir)):
+            return  # hidden names are leftovers of a killed run of ours (removed when it starts)
+        run = os.path.join(self.out_dir, RUN)
+        if os.path.exists(run):
+            with open(run, encoding="utf-8") as f:
+                if json.load(f) != json.loads(json.dumps(self.identity)):
+                    raise ValueError(f"{run}: another training run writes into {self.out_dir}; resume it with the "
+                                     "same model, trajectories and settings, or train into another --out directory")
+        elif not os.path.exists(os.path.join(self.out_dir, CHECKPOINT)):  # a checkpoint checks its own identity
+            raise FileExistsError(f"{self.out_dir} is not empty and holds no training run of cllm_rt ({RUN}): "
+                                  "train into a new or empty directory")
 
     def _check_compatible(self, trajectories, trajectories_dir) -> None:
         collected = trajectories.manifest["model"]
@@ -420,9 +445,8 @@ class _Run:
         path = os.path.join(self.out_dir, LOG)
         if not self.processes.is_main or not os.path.exists(path):
             return {}
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1]) if lines else {}
+        entries = read_jsonl_log(path)
+        return entries[-1] if entries else {}
 
     def _log(self, step, terms: list[StepLosses], lr, grad_norm, seconds, check: dict) -> dict:
         local = [sum(getattr(t, k) for t in terms) / len(terms) for k in ("total", "consistency", "ar")]
@@ -516,7 +540,7 @@ class _Run:
         """The weights of the last checkpoint and its step; the source model's and 0 before the first one."""
         path = os.path.join(self.out_dir, CHECKPOINT)
         if os.path.exists(path):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = _load_checkpoint(path)
             return checkpoint["model"], checkpoint["step"]
         from transformers import AutoModelForCausalLM
 
@@ -572,17 +596,19 @@ class _Run:
     def _resume(self, module, optimizer, scheduler) -> int:
         """Load the checkpoint in out_dir if there is one; return the step to continue from."""
         path = os.path.join(self.out_dir, CHECKPOINT)
+        if self.processes.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._remove_leftovers()
+            atomic_write_json(os.path.join(self.out_dir, RUN), self.identity)
         if not os.path.exists(path):
-            if self.processes.is_main:
-                os.makedirs(self.out_dir, exist_ok=True)
-                if os.path.exists(os.path.join(self.out_dir, LOG)):
-                    os.remove(os.path.join(self.out_dir, LOG))  # a log without a checkpoint has nothing to resume
+            if self.processes.is_main and os.path.exists(os.path.join(self.out_dir, LOG)):
+                os.remove(os.path.join(self.out_dir, LOG))  # this run's log without a checkpoint: nothing to resume
             self.processes.barrier()
             return 0
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(path)
         differences = [f"{k}: {state['identity'].get(k)!r} there, {v!r} now"
                        for k, v in self.identity.items() if state["identity"].get(k) != v]
         if differences:
@@ -603,6 +629,17 @@ class _Run:
             truncate_jsonl_log(os.path.join(self.out_dir, LOG), state["step"])
         self.processes.barrier()
         return state["step"]
+
+    def _remove_leftovers(self) -> None:
+        """Delete what killed runs left half-written: temporary files and ``.model-*`` directories (a checkpoint's
+        temporary is as large as the model plus the optimizer: repeated kills would fill the disk)."""
+        folders = [self.out_dir] + [os.path.join(self.out_dir, name) for name in os.listdir(self.out_dir)
+                                    if name.startswith("step-") and os.path.isdir(os.path.join(self.out_dir, name))]
+        for folder in folders:
+            remove_stale_temporaries(folder)
+            for name in os.listdir(folder):
+                if name.startswith(".model-"):
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
     def _full_state(self, module) -> dict:
         """The whole model's weights on the main process (on CPU; FSDP gathers them: every process calls this)."""
@@ -633,6 +670,19 @@ def _restore_gradient_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def _load_checkpoint(path: str) -> dict:
+    """A checkpoint this module wrote: tensors and plain containers only, so ``weights_only`` loading suffices
+    and a file that would run code when unpickled is refused instead."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{path} is not a checkpoint of cllm_rt (it holds more than tensors: {reason}); "
+                         "train into another --out directory") from None
 
 
 def _load_tokenizer(model_dir: str):
