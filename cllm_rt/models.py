@@ -20,7 +20,10 @@ way). The price is disk: 538 MB instead of 269 MB.
 The conversion is atomic: it writes into a hidden temporary sibling directory, puts a marker file
 (``MARKER``) in it last, and renames the directory into place. A directory without a valid marker is never
 used; a rerun (under a file lock, so two processes do not convert at once) deletes leftovers of killed
-runs and converts again.
+runs and converts again. The marker also records every file's size, and each ``.safetensors`` header must
+describe exactly its file: a truncated or overwritten file (a disk fault, a copy cut short) makes the
+directory unusable, so it is converted again instead of failing deep inside safetensors. Bytes flipped
+in place under an intact header are not caught: hashing 538 MB would cost every load a second or more.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 # Written last into a converted directory; its presence (with the right contents) is what makes it usable.
 MARKER = "cllm_rt_model.json"
 # Bump when the converted layout changes: directories of another format are converted again.
-_FORMAT = 1
+_FORMAT = 2  # 2: the marker records file sizes
 
 
 def cache_dir() -> pathlib.Path:
@@ -200,7 +203,29 @@ def _usable(folder: pathlib.Path, model: KnownModel) -> bool:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return marker.get("format") == _FORMAT and marker.get("sha256") == model.sha256
+    if marker.get("format") != _FORMAT or marker.get("sha256") != model.sha256:
+        return False
+    for name, size in marker["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        if name.endswith(".safetensors") and not _safetensors_header_fits(path, size):
+            return False
+    return True
+
+
+def _safetensors_header_fits(path: pathlib.Path, size: int) -> bool:
+    """Whether the file starts with a safetensors header (8-byte length, JSON) whose tensors end at its end."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= size - 8:
+                return False
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return 8 + length + max(ends, default=0) == size
 
 
 def _find_gguf(model: KnownModel) -> pathlib.Path:
@@ -266,8 +291,9 @@ def _write_marker(folder: pathlib.Path, model: KnownModel) -> None:
     for path in folder.iterdir():  # on disk before the marker says the directory is complete
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    files = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
     marker = {"format": _FORMAT, **dataclasses.asdict(model), "dtype": "float32",
-              "transformers": transformers.__version__}
+              "transformers": transformers.__version__, "files": files}
     with open(folder / MARKER, "w", encoding="utf-8") as f:
         f.write(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         f.flush()

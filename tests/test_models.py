@@ -311,6 +311,20 @@ def test_a_killed_conversion_is_never_used_and_a_rerun_redoes_it(tiny, tiny_site
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the lock is flock")
+def test_corrupted_weights_under_a_valid_marker_are_converted_again(tiny, conversions):
+    path = resolve_model("tiny-test")
+    weights = path / "model.safetensors"
+    intact = weights.read_bytes()
+    damaged = {"truncated": intact[: len(intact) // 2],
+               "header overwritten, size kept": b"\0" * 64 + intact[64:]}
+    for case, data in damaged.items():
+        weights.write_bytes(data)
+        assert resolve_model("tiny-test") == path, case
+        assert weights.read_bytes() == intact, case
+    assert len(conversions) == 1 + len(damaged)
+    load_model("tiny-test")
+
+
 def test_a_second_converter_waits_for_the_first_and_uses_its_model(tiny, conversions, monkeypatch, tmp_path):
     import fcntl
     import threading

@@ -368,7 +368,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_and_another_run_is_re
     with pytest.raises(KeyboardInterrupt):
         train(setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)
     assert sorted(files_in(tmp_path / "out")) == ["log.jsonl", "run.json"]
-    with pytest.raises(ValueError, match="another training run writes into"):
+    with pytest.raises(ValueError, match="run.json belongs to another training run .lr: 0.001 there, 0.002 now"):
         train(setup["model"], setup["trajectories"], str(tmp_path / "out"), dataclasses.replace(BASE, lr=2e-3),
               progress=False)
     monkeypatch.setattr(train_module._Run, "_log", log_step)

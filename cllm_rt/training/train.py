@@ -325,12 +325,18 @@ class _Run:
         run = os.path.join(self.out_dir, RUN)
         if os.path.exists(run):
             with open(run, encoding="utf-8") as f:
-                if json.load(f) != json.loads(json.dumps(self.identity)):
-                    raise ValueError(f"{run}: another training run writes into {self.out_dir}; resume it with the "
-                                     "same model, trajectories and settings, or train into another --out directory")
+                self._check_same_run(run, json.load(f))
         elif not os.path.exists(os.path.join(self.out_dir, CHECKPOINT)):  # a checkpoint checks its own identity
             raise FileExistsError(f"{self.out_dir} is not empty and holds no training run of cllm_rt ({RUN}): "
                                   "train into a new or empty directory")
+
+    def _check_same_run(self, path: str, identity: dict) -> None:
+        """Refuse to resume a run of other settings (``identity`` as recorded in ``path``)."""
+        current = json.loads(json.dumps(self.identity))  # as JSON stores it (tuples become lists)
+        differences = [f"{k}: {identity.get(k)!r} there, {v!r} now" for k, v in current.items() if identity.get(k) != v]
+        if differences:
+            raise ValueError(f"{path} belongs to another training run ({'; '.join(differences)}); resume with the "
+                             "same model, trajectories and settings, or train into another --out directory")
 
     def _check_compatible(self, trajectories, trajectories_dir) -> None:
         collected = trajectories.manifest["model"]
@@ -609,11 +615,7 @@ class _Run:
                                                              set_optimizer_state_dict)
 
         state = _load_checkpoint(path)
-        differences = [f"{k}: {state['identity'].get(k)!r} there, {v!r} now"
-                       for k, v in self.identity.items() if state["identity"].get(k) != v]
-        if differences:
-            raise ValueError(f"{path} belongs to another training run ({'; '.join(differences)}); resume with the "
-                             "same model, trajectories and settings, or train into another --out directory")
+        self._check_same_run(path, state["identity"])
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(module, state["model"], options=options)
         set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
