@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cllm_rt.runtime.decoding import Decoder
+from cllm_rt.runtime.decoding import Decoder, RowsFailed
 from cllm_rt.runtime.drafts import Corpus
 from tiny_models import random_prompts, tiny_model
 
@@ -84,9 +84,108 @@ def test_decoder_outside_its_context_and_bad_prompts_are_refused():
     with pytest.raises(RuntimeError, match="context manager"):
         decoder.add([[1, 2]], [4], [0])
     with Decoder(model) as decoder:
-        with pytest.raises(ValueError, match="token ids in"):
-            decoder.add([[1, 500]], [4], [0])
-        with pytest.raises(ValueError, match="non-empty"):
-            decoder.add([[]], [4], [0])
-        with pytest.raises(ValueError, match="max_new_tokens"):
-            decoder.add([[1, 2]], [0], [0])
+        for prompt, budget, message in (([1, 500], 4, "token ids in"), ([], 4, "non-empty"),
+                                        ([1, 2], 0, "max_new_tokens")):
+            with pytest.raises(RowsFailed) as failed:
+                decoder.add([prompt], [budget], [0])
+            assert list(failed.value.errors) == [0] and isinstance(failed.value.errors[0], ValueError)
+            assert message in str(failed.value.errors[0]) and not decoder.rows
+
+
+def _run(decoder, outputs, failures, joining=None):
+    """Step ``decoder`` until no row is left (adding ``joining`` = (prompts, budgets, handles) first), as a
+    server does: a failure is noted and the batch goes on."""
+    try:
+        if joining:
+            decoder.add(*joining)
+    except RowsFailed as failed:
+        failures.update(failed.errors)
+    while decoder.rows:
+        for handle, new, _ in decoder.emit():
+            outputs[handle] += new
+        try:
+            decoder.decode()
+        except RowsFailed as failed:
+            failures.update(failed.errors)
+
+
+def _prompts(lengths, seed=0):
+    ids, mask = random_prompts(len(lengths), lengths, seed=seed)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def test_each_row_is_checked_against_the_context_on_its_own():
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 40
+    # 30 + 8 and 6 + 30 fit; max(prompt) + max(max_new_tokens) = 60 would not; 6 + 40 does not
+    prompts, budgets = _prompts([30, 6, 6]), [8, 30, 40]
+    outputs, failures = {i: [] for i in range(3)}, {}
+    with torch.inference_mode(), Decoder(model, corpus=Corpus()) as decoder:
+        _run(decoder, outputs, failures, (prompts, budgets, [0, 1, 2]))
+    assert list(failures) == [2] and "exceeds the model's max_position_embeddings (40)" in str(failures[2])
+    for i in (0, 1):
+        assert outputs[i] == _alone(model, prompts[i], budgets[i])
+
+
+class _Fault:
+    """A hook on the first decoder layer: at its ``call``-th forward (1: the prefill) it makes ``row`` NaN, or
+    raises ``error`` when the forward's length is ``length``."""
+
+    def __init__(self, model, call=None, row=None, error=None, length=None):
+        self.calls, self.call, self.row, self.error, self.length = 0, call, row, error, length
+        self.handle = model.model.layers[0].register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.error is not None and hidden.shape[1] == self.length:
+            raise self.error
+        if self.calls == self.call:
+            hidden[self.row] = float("nan")
+        return output
+
+
+@pytest.mark.parametrize("drafts", ["auto", None])
+@pytest.mark.parametrize("call", [1, 3], ids=["prefill", "decode"])
+def test_nan_in_one_row_fails_that_row_only(drafts, call):
+    model = tiny_model("llama")
+    prompts = _prompts([5, 9, 3])
+    outputs, failures = {h: [] for h in (10, 11, 12)}, {}
+    fault = _Fault(model, call=call, row=1)
+    with torch.inference_mode(), Decoder(model, drafts=drafts, corpus=Corpus()) as decoder:
+        _run(decoder, outputs, failures, (prompts, [MAX_NEW] * 3, [10, 11, 12]))
+    fault.handle.remove()
+    assert list(failures) == [11] and isinstance(failures[11], FloatingPointError)
+    assert outputs[11] == ([] if call == 1 else _alone(model, prompts[1], MAX_NEW)[:len(outputs[11])])
+    for handle, i in ((10, 0), (12, 2)):
+        assert outputs[handle] == _alone(model, prompts[i], MAX_NEW)
+
+
+def test_a_prefill_that_raises_is_retried_row_by_row_and_a_raising_decode_sheds_one_row():
+    model = tiny_model("llama")
+    prompts = _prompts([5, 11, 3])  # the group's prefill and row 1's alone are 11 tokens long
+    outputs, failures = {i: [] for i in range(3)}, {}
+    fault = _Fault(model, error=torch.OutOfMemoryError("out of memory (simulated)"), length=11)
+    with torch.inference_mode(), Decoder(model, drafts=None, block_size=4, corpus=Corpus()) as decoder:
+        _run(decoder, outputs, failures, (prompts, [MAX_NEW] * 3, [0, 1, 2]))
+    fault.handle.remove()
+    assert list(failures) == [1] and isinstance(failures[1], torch.OutOfMemoryError) and outputs[1] == []
+    for i in (0, 2):
+        assert outputs[i] == _alone(model, prompts[i], MAX_NEW)
+
+    outputs, failures = {i: [] for i in range(3)}, {}
+    fault = _Fault(model, length=4)  # a decode forward of blocks of 4
+    with torch.inference_mode(), Decoder(model, drafts=None, block_size=4, corpus=Corpus()) as decoder:
+        decoder.add(prompts, [MAX_NEW] * 3, [0, 1, 2])
+        for handle, new, _ in decoder.emit():
+            outputs[handle] += new
+        fault.error = torch.OutOfMemoryError("out of memory (simulated)")
+        with pytest.raises(RowsFailed) as failed:
+            decoder.decode()  # one forward raises: the longest row (1) leaves, nothing else changes
+        fault.error = None
+        assert list(failed.value.errors) == [1] and [row.index for row in decoder.rows] == [0, 2]
+        _run(decoder, outputs, failures)
+    fault.handle.remove()
+    assert not failures and outputs[1] == _alone(model, prompts[1], 1)
+    for i in (0, 2):
+        assert outputs[i] == _alone(model, prompts[i], MAX_NEW)

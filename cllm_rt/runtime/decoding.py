@@ -33,8 +33,7 @@ from .attention import jacobi_attention
 from .cache import JacobiCache
 from .cost import StepCost, choose_budget
 from .drafts import SOURCES, AcceptanceStats, Corpus, DraftTree, NgramIndex
-from .inputs import (NOT_GIVEN, check_model, check_positions, raise_on_nan, resolve_special_tokens,
-                     unpad_prompts)
+from .inputs import NOT_GIVEN, check_model, check_positions, nan_error, resolve_special_tokens, unpad_prompts
 from .step import PromptGuesses, prefill, tree_step
 
 DRAFT_DEPTH = 16  # longest suffix-draft continuation
@@ -112,6 +111,20 @@ class _Row:
         return tree
 
 
+class RowsFailed(Exception):
+    """Some rows of a :class:`Decoder` call failed; every other row went on (joined the batch, or took its step).
+
+    ``errors`` maps each failed row's handle to its own error: ``ValueError`` (``NotImplementedError`` past a
+    sliding window) for a row :meth:`Decoder.add` refused, ``FloatingPointError`` for NaN in the row, or what a
+    forward raised (e.g. ``torch.OutOfMemoryError``). The failed rows are out of the batch: nothing more comes
+    from them, and :meth:`Decoder.remove` is not needed.
+    """
+
+    def __init__(self, errors: dict[int, Exception]):
+        super().__init__("; ".join(f"row {handle}: {error}" for handle, error in errors.items()))
+        self.errors = errors
+
+
 class Decoder:
     """A running batch decoded together: rows join with :meth:`add` and leave once done, between steps.
 
@@ -122,6 +135,10 @@ class Decoder:
     requests as they arrive (continuous batching). Use it as a context manager: inside, the model's
     attention runs over this decoder's cache (:func:`cllm_rt.runtime.attention.jacobi_attention`).
     ``eos``: token ids that end a row. Other options as in :func:`generate`.
+
+    One row's fault costs that row only: :meth:`add` and :meth:`decode` raise :class:`RowsFailed` naming
+    the rows that failed, with their errors, after the others have joined or stepped; the batch goes on
+    with them (catch it, fail those requests, keep stepping).
     """
 
     def __init__(self, model, *, block_size: int = 16, drafts="auto", max_tree_nodes: int = 64,
@@ -156,31 +173,68 @@ class Decoder:
         self._attention = None
 
     def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int]) -> None:
-        """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit."""
+        """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit.
+
+        Each row is judged on its own: its ids, its budget, and its own prompt plus its own
+        ``max_new_tokens`` against the model's positions. A row that fails a check, gives NaN, or fails its
+        prefill is refused (a group forward that raises, e.g. out of memory, is retried row by row, so only
+        a row that fails alone is refused); the others join, then :class:`RowsFailed` names the refused ones.
+        """
         self._check_entered()
-        for value in max_new_tokens:
-            _check_count("max_new_tokens", value)
-        for p in prompts:  # the one check of the ids: torch would raise an IndexError from deep in the model
-            if not p:
-                raise ValueError("a prompt must be a non-empty list of token ids")
-            if min(p) < 0 or max(p) >= self.vocab:
-                raise ValueError(f"prompts must be token ids in [0, {self.vocab}) for this model, got values in "
-                                 f"[{min(p)}, {max(p)}]")
-        check_positions(self.model, max(map(len, prompts)), max(max_new_tokens))
+        errors = {}
+        for p, budget, handle in zip(prompts, max_new_tokens, handles, strict=True):
+            try:
+                self._check_row(p, budget)
+            except (ValueError, NotImplementedError) as error:
+                errors[handle] = error
+        joining = [(p, budget, handle) for p, budget, handle in zip(prompts, max_new_tokens, handles)
+                   if handle not in errors]
+        if joining:
+            errors.update(self._prefill(joining))
+        if errors:
+            raise RowsFailed(errors)
+
+    def _check_row(self, prompt: list[int], max_new_tokens: int) -> None:
+        _check_count("max_new_tokens", max_new_tokens)
+        if not prompt:  # the one check of the ids: torch would raise an IndexError from deep in the model
+            raise ValueError("a prompt must be a non-empty list of token ids")
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise ValueError(f"prompts must be token ids in [0, {self.vocab}) for this model, got values in "
+                             f"[{min(prompt)}, {max(prompt)}]")
+        check_positions(self.model, len(prompt), max_new_tokens)
+
+    def _prefill(self, joining: list[tuple[list[int], int, int]]) -> dict[int, Exception]:
+        """Prefill ``(prompt, budget, handle)`` rows in one forward and join them; return the failed ones."""
+        prompts = [p for p, _, _ in joining]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
         for row, p in enumerate(prompts):
             tokens[row, :len(p)] = torch.tensor(p, device=self.device)
         cache = JacobiCache(self.model.config.num_hidden_layers, torch.zeros_like(lengths),
-                            max_len=tokens.shape[1] + max(max_new_tokens) + self.widest)
+                            max_len=tokens.shape[1] + max(budget for _, budget, _ in joining) + self.widest)
         start = time.perf_counter()
-        first = prefill(self.model, cache, tokens, lengths).tolist()
+        try:
+            first, nan = prefill(self.model, cache, tokens, lengths)
+        except Exception as error:  # noqa: BLE001  charged to the row that fails alone, never to the group
+            if len(joining) == 1:
+                return {joining[0][2]: error}
+            del cache, tokens  # the group's buffers go before the rows retry (an out-of-memory error needs it)
+            return {handle: e for row in joining for handle, e in self._prefill([row]).items()}
         self.stats.prefill_seconds += time.perf_counter() - start
+        errors = {joining[i][2]: nan_error([joining[i][2]]) for i in nan}
+        good = [i for i in range(len(joining)) if i not in nan]
+        if not good:
+            return errors
+        if nan:
+            cache.select_rows(torch.tensor(good, device=self.device), good)
         self.cache = cache if self.cache is None else self.cache.extend(cache)
-        for p, budget, handle, token in zip(prompts, max_new_tokens, handles, first):
-            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[token])
+        first = first.tolist()
+        for i in good:
+            p, budget, handle = joining[i]
+            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[first[i]])
             row.history.extend(p)
             self.rows.append(row)
+        return errors
 
     def emit(self) -> list[tuple[int, list[int], bool]]:
         """Every row's tokens made final since the last forward (or its prefill); retire finished rows.
@@ -205,7 +259,13 @@ class Decoder:
         return events
 
     def decode(self) -> None:
-        """Verify one draft tree per row in one forward (nothing without rows); emit hands on what it made final."""
+        """Verify one draft tree per row in one forward (nothing without rows); emit hands on what it made final.
+
+        A row whose forward gives NaN leaves the batch; the others keep their step. A forward that raises
+        (e.g. out of memory) changes no row; the row with the longest context, the likeliest cause, leaves
+        the batch with that error, and the others take their step at the next call. Either way
+        :class:`RowsFailed` names the rows that left.
+        """
         self._check_entered()
         if not self.rows:
             return
@@ -220,8 +280,16 @@ class Decoder:
                                    self.max_tree_nodes,
                                    explore=stats.forward_passes % EXPLORE_EVERY == EXPLORE_EVERY - 1)
             trees = [t.best(budget) for t in trees]
-        greedy, paths = _verify(self.model, self.cache, trees, self.rows)
-        for row, tree, path, predicted in zip(self.rows, trees, paths, greedy):
+        try:
+            greedy, paths, nan = _verify(self.model, self.cache, trees)
+        except Exception as error:  # noqa: BLE001  nothing was committed: shed one row, the rest retry
+            longest = max(range(len(self.rows)), key=lambda i: self.cache.lengths_host[i])
+            handle = self.rows[longest].index
+            self._keep([i for i in range(len(self.rows)) if i != longest])
+            raise RowsFailed({handle: error}) from error
+        for row, tree, path, predicted, bad in zip(self.rows, trees, paths, greedy, nan):
+            if bad:
+                continue
             row.pending = [predicted[node] for node in path]
             row.jacobi = [predicted[node] for node in tree.first_child_chain(path[-1])]
             row.steps += 1
@@ -234,6 +302,10 @@ class Decoder:
         stats.forward_passes += 1
         stats.budgets[budget] = stats.budgets.get(budget, 0) + 1
         self.cost.observe(len(self.rows) * max(map(len, trees)), time.perf_counter() - start)
+        if any(nan):
+            failed = {row.index: nan_error([row.index]) for row, bad in zip(self.rows, nan) if bad}
+            self._keep([i for i, bad in enumerate(nan) if not bad])
+            raise RowsFailed(failed)
 
     def remove(self, handle: int) -> None:
         """Drop a row before it finishes (e.g. its client went away)."""
@@ -281,15 +353,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     outputs: list[list[int]] = [[] for _ in prompts]
     with Decoder(model, block_size=block_size, drafts=drafts, max_tree_nodes=max_tree_nodes, corpus=corpus,
                  eos=eos, seed=seed) as decoder:
-        decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))  # checks the ids first
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        while decoder.rows:
-            for handle, new, _ in decoder.emit():
-                outputs[handle] += new
-                if streamer is not None:
-                    streamer.put(torch.tensor(new))
-            decoder.decode()
+        try:  # one row's fault is the whole call's: the first failed row's own error is raised
+            decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))  # checks the ids first
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            while decoder.rows:
+                for handle, new, _ in decoder.emit():
+                    outputs[handle] += new
+                    if streamer is not None:
+                        streamer.put(torch.tensor(new))
+                decoder.decode()
+        except RowsFailed as failed:
+            raise next(iter(failed.errors.values())) from None
     if streamer is not None:
         streamer.end()
     stats = decoder.stats
@@ -316,8 +391,9 @@ def _check_drafts(drafts) -> tuple[str, ...]:
     return tuple(s for s in SOURCES if s in names)
 
 
-def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row]):
-    """Run the trees in one forward, commit each row's accepted path; return greedy tokens and paths (host)."""
+def _verify(model, cache: JacobiCache, trees: list[DraftTree]):
+    """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths and NaN flags
+    (host), a row flagged NaN holding garbage."""
     width = max(map(len, trees))
     device = cache.lengths.device
     # ragged rows: padding nodes are roots of their own (parent -1) whose outputs are ignored
@@ -328,10 +404,9 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row])
     chains = all(t.parents == list(range(-1, width - 1)) for t in trees)
     greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains)
     host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
-    raise_on_nan([row.index for row, h in zip(rows, host) if h[0]])
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)
-    return [h[2:2 + width] for h in host], paths
+    return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host]
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:

@@ -128,8 +128,12 @@ def check_positions(model, longest_prompt: int, max_new_tokens: int) -> None:
                                   "block_attention implements full causal attention only")
 
 
+def nan_error(rows: list[int]) -> FloatingPointError:
+    return FloatingPointError(f"the model produced NaN for batch rows {rows}; greedy decoding is undefined "
+                              "(check the weights and the dtype)")
+
+
 def raise_on_nan(rows: list[int]) -> None:
     """Argmax over NaN logits is defined but meaningless: stop instead of emitting garbage."""
     if rows:
-        raise FloatingPointError(f"the model produced NaN for batch rows {rows}; greedy decoding is undefined "
-                                 "(check the weights and the dtype)")
+        raise nan_error(rows)

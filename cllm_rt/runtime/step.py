@@ -16,10 +16,10 @@ import torch
 from .. import ops
 from .attention import CACHE_LENGTHS_KWARG, TREE_PARENTS_KWARG
 from .cache import JacobiCache
-from .inputs import raise_on_nan
 
-def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Write the prompts into the cache and return each row's first greedy token ``[B]``.
+def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Write the prompts into the cache; return each row's first greedy token ``[B]`` and the rows whose last
+    hidden state is NaN (their token is meaningless: the caller fails them).
 
     ``tokens`` [B, L] holds each prompt from column 0 with junk after ``lengths[b]``: causal attention keeps
     the junk out of every real position, and the cache rows are cut back to ``lengths`` afterwards.
@@ -27,10 +27,10 @@ def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tens
     hidden = forward_block(model, cache, tokens)  # [B, L, d]
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     last = hidden[rows, lengths - 1, None]  # [B, 1, d]
-    raise_on_nan(last.isnan().flatten(1).any(1).nonzero().flatten().tolist())
+    nan = last.isnan().flatten(1).any(1).nonzero().flatten().tolist()
     cache.commit(lengths, lengths.tolist())
     greedy, _ = greedy_verify(model, last, tokens[rows, lengths - 1, None])  # a 1-token "block": the last token
-    return greedy[:, 0]
+    return greedy[:, 0], nan
 
 
 def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.Tensor | None = None,

@@ -140,8 +140,10 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
     builders = [TrajectoryBuilder(p, seed, block_size, max_new_tokens, eos) for p, seed in zip(prompts, seeds)]
 
     with jacobi_attention(model):
-        for builder, first in zip(builders, prefill(model, cache, tokens, lengths).tolist()):
-            builder.start(first)
+        first, nan = prefill(model, cache, tokens, lengths)
+        raise_on_nan(nan)
+        for builder, token in zip(builders, first.tolist()):
+            builder.start(token)
         active = list(range(len(builders)))  # cache row i decodes builders[active[i]]
         while True:
             keep = [i for i, b in enumerate(active) if not builders[b].finished]
