@@ -7,8 +7,10 @@ import functools
 
 import pytest
 import torch
+import transformers
 
 import cllm_rt
+import tiny_models
 from tiny_models import CONFIGS, random_prompts, tiny_model
 
 ARCHS = sorted(CONFIGS)
@@ -294,3 +296,35 @@ def test_reference_ops_give_the_same_output():
     finally:
         cllm_rt.ops.use_native_kernels(True)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
+def _longrope_phi3():
+    half = 32 // 4 // 2  # hidden size / heads / 2: one factor per rotated pair
+    config = transformers.Phi3Config(**{**tiny_models._COMMON, "max_position_embeddings": 128},
+                                     original_max_position_embeddings=32,
+                                     rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
+                                                   "long_factor": [4.0] * half})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def test_rope_whose_frequencies_follow_the_forward_is_refused(monkeypatch):
+    model = _longrope_phi3()
+    ids, mask = random_prompts(2, [26, 20], seed=1)  # 26 + 20 crosses original_max_position_embeddings = 32
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="rope_type='longrope' exactly: its frequencies depend on"):
+        cllm_rt.generate(model, ids, mask, max_new_tokens=20)
+    dynamic = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**tiny_models._COMMON, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(NotImplementedError, match="rope_type='dynamic'"):
+        cllm_rt.generate(dynamic, ids, mask, max_new_tokens=4)
+    # why: decoded anyway, draft nodes past position 32 switch the whole forward to the long factors early
+    monkeypatch.setattr(cllm_rt.runtime.inputs, "_position_dependent_rope", lambda config: None)
+    for drafts in ("auto", None):
+        out = cllm_rt.generate(model, ids, mask, max_new_tokens=20, drafts=drafts).sequences
+        assert not torch.equal(out, expected)

@@ -27,9 +27,35 @@ def check_model(model: torch.nn.Module) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"cllm_rt cannot decode model_type={model_type!r} exactly; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+    rope = _position_dependent_rope(config)
+    if rope is not None:
+        raise NotImplementedError(
+            f"cllm_rt cannot decode rope_type={rope!r} exactly: its frequencies depend on the largest position in "
+            "a forward, which draft nodes (and other rows of a batch) reach before the committed tokens do")
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise NotImplementedError(f"the model's output head must be a plain nn.Linear, got {type(head).__name__}")
+
+
+# RoPE variants that recompute their frequencies from max(position_ids) + 1 of each forward (transformers'
+# dynamic_rope_update): longrope switches to its long factors past original_max_position_embeddings, dynamic
+# NTK rescales past max_position_embeddings. A tree step runs draft nodes beyond the committed length (a
+# plain Jacobi block even beyond a row's own budget), so the keys of tokens committed in that forward would
+# get other frequencies than model.generate gives them.
+_POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def _position_dependent_rope(config) -> str | None:
+    """The config's RoPE type if its frequencies depend on the positions of a forward, else None."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    # one dict, or one per layer type (e.g. {"full_attention": {...}, "sliding_attention": {...}})
+    groups = [parameters] if "rope_type" in parameters or "type" in parameters else [
+        p for p in parameters.values() if isinstance(p, dict)]
+    for group in groups:
+        rope = group.get("rope_type", group.get("type"))
+        if rope in _POSITION_DEPENDENT_ROPE:
+            return rope
+    return None
 
 
 class _NotGiven:
