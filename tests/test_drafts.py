@@ -27,6 +27,39 @@ def test_ngram_index_continues_the_longest_suffix_most_recent_first():
     assert index.continuations([6, 3], depth=1, max_matches=8) == (1, [[5], [4]])
 
 
+class _CountedSlices(list):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.slices = 0
+
+    def __getitem__(self, key):
+        self.slices += isinstance(key, slice)
+        return super().__getitem__(key)
+
+
+def test_a_lookup_slices_only_the_continuations_it_returns():
+    index = NgramIndex(max_n=2)
+    index.extend([1, 2] * 500)  # 500 earlier occurrences of the suffix [1, 2]
+    index.tokens = _CountedSlices(index.tokens)
+    assert index.continuations([1, 2], depth=3, max_matches=4) == (2, [[1, 2]] + [[1, 2, 1]] * 3)
+    assert index.tokens.slices == 4
+
+
+def test_step_cost_computes_medians_once_per_observation(monkeypatch):
+    import statistics
+
+    calls = []
+    median = statistics.median
+    monkeypatch.setattr(statistics, "median", lambda values: calls.append(1) or median(values))
+    cost = StepCost()
+    for tokens in (1, 4, 16):
+        cost.observe(tokens, 0.02 + 0.001 * tokens)
+    choose_budget(cost, [[0.9] * 40] * 2, 64)  # prices a dozen budgets
+    assert len(calls) == 3
+    cost.observe(4, 0.5)  # a new measurement is seen at once
+    assert cost.predict(4) == pytest.approx(median([0.024, 0.5])) and len(calls) == 6
+
+
 def test_corpus_never_continues_across_sequences_and_stays_bounded():
     corpus = Corpus(max_tokens=10, max_n=2)
     corpus.add([1, 2, 3])

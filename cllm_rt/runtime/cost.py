@@ -39,19 +39,26 @@ class StepCost:
 
     def __init__(self):
         self._samples: dict[int, deque] = {}
+        self._medians: dict[int, float] | None = None  # measured(), kept until the next observation
 
     def observe(self, tokens: int, seconds: float) -> None:
         self._samples.setdefault(tokens, deque(maxlen=self.WINDOW)).append(seconds)
+        self._medians = None
 
     def sample_counts(self) -> dict[int, int]:
         return {t: len(s) for t, s in self._samples.items()}
 
     def measured(self) -> dict[int, float]:
-        """Median seconds per measured step size."""
-        return {t: statistics.median(s) for t, s in sorted(self._samples.items())}
+        """Median seconds per measured step size (computed once per observation: choose_budget predicts a
+        dozen budgets per step)."""
+        if self._medians is None:
+            self._medians = {t: statistics.median(s) for t, s in sorted(self._samples.items())}
+        return dict(self._medians)
 
     def predict(self, tokens: int) -> float:
-        known = self.measured()
+        if self._medians is None:
+            self.measured()
+        known = self._medians
         if tokens in known:
             return known[tokens]
         if not known:

@@ -22,6 +22,7 @@ root's successor is always final), which is what :mod:`cllm_rt.runtime.cost` tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 SOURCES = ("jacobi", "context", "corpus")
 
@@ -58,7 +59,9 @@ class NgramIndex:
             ends = self.ends.get(tuple(suffix[len(suffix) - n:]))
             if not ends:
                 continue
-            found = [self.tokens[e:e + depth] for e in reversed(ends) if e < len(self.tokens)][:max_matches]
+            # only the max_matches most recent occurrences are sliced, however many there are
+            recent = islice((e for e in reversed(ends) if e < len(self.tokens)), max_matches)
+            found = [self.tokens[e:e + depth] for e in recent]
             found = [c for c in found if c]
             if found:
                 return n, found
