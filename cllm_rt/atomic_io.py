@@ -60,7 +60,8 @@ def read_jsonl_log(path: str) -> list[dict]:
             entries.append(json.loads(line))
         except ValueError:
             if number < len(lines):
-                raise ValueError(f"{path}:{number} is not JSON (only a last line torn by a power cut is dropped)") from None
+                raise ValueError(f"{path}:{number} is not JSON (only a last line, torn by a power cut, is dropped)"
+                                 ) from None
             warnings.warn(f"{path}: dropped a torn last line ({len(line)} characters; the process was cut off while "
                           "appending it)", stacklevel=2)
     return entries
