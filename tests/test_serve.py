@@ -222,13 +222,13 @@ def test_bad_chat_bodies_get_errors(url, messages, message):
 def test_a_failed_step_fails_its_requests_and_the_server_lives_on(tokenizer, reference, monkeypatch):
     failures = iter([True])
 
-    class Failing(serve.Decoder):
+    class Failing(serve.engine.Decoder):
         def decode(self):
             if next(failures, False):
                 raise FloatingPointError("the model produced NaN")
             return super().decode()
 
-    monkeypatch.setattr(serve, "Decoder", Failing)
+    monkeypatch.setattr(serve.engine, "Decoder", Failing)
     with serve.background(serve.create_app(_model(), tokenizer, model_name=NAME)) as url:
         failed = httpx.post(f"{url}/v1/completions", json=dict(model=NAME, prompt="x", max_tokens=5))
         assert failed.status_code == 500 and "NaN" in failed.json()["error"]["message"]
