@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.inputs import check_positions
-from .engine import Engine, Overloaded, Generation
+from .engine import Engine, Generation, Overloaded, Unavailable
 from .metrics import Metrics
 from .schemas import ApiError, ChatRequest, CompletionRequest, Body, check_greedy, message_text, stops
 
@@ -30,13 +31,20 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None, block_size: int = 16,
-               drafts="auto", max_batch: int = 16, max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
+               drafts="auto", corpus: str = "off", max_batch: int = 16, max_queue: int = 64,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving ``model`` under ``model_name``; its lifespan starts and stops the decode thread
-    (``app.state.engine``)."""
+    (``app.state.engine``). ``api_key`` guards ``/v1`` and ``/metrics`` (None: open; an empty key is refused,
+    as it would otherwise read as a key nobody means). ``corpus``: see :class:`Engine`."""
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
     metrics = Metrics()
-    engine = Engine(model, tokenizer, block_size=block_size, drafts=drafts, max_batch=max_batch,
+    engine = Engine(model, tokenizer, block_size=block_size, drafts=drafts, corpus=corpus, max_batch=max_batch,
                     max_queue=max_queue, metrics=metrics)
     context = getattr(model.config, "max_position_embeddings", None)
+    window = getattr(model.config, "sliding_window", None)
+    room = min(n for n in (context, window, float("inf")) if n is not None)  # positions one request may span
+    special = _special_tokens(tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
 
     @contextlib.asynccontextmanager
@@ -63,6 +71,8 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             return _error(400, f"the request body is not valid JSON: {first['ctx']['error']} at character "
                           f"{first['loc'][-1]}")
         where = ".".join(str(part) for part in first["loc"][1:]) or "body"
+        if first["type"] == "extra_forbidden":
+            return _error(400, f"{where}: this field is not supported by this server", param=where)
         return _error(400, f"{where}: {first['msg']}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
@@ -72,7 +82,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
     @app.exception_handler(Exception)
     async def crash(_request, error: Exception):
         log.exception("request failed")
-        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
+        return _error(500, "internal error (see the server log)", "server_error")
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -81,7 +91,8 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error")
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    guarded = [Depends(authorize)]
+    api = APIRouter(prefix="/v1", dependencies=guarded)
 
     @api.get("/models")
     async def models():
@@ -91,8 +102,11 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_request(body)
-        if isinstance(body.prompt, str):
-            prompt = tokenizer(body.prompt)["input_ids"]
+        if isinstance(body.prompt, str):  # off the event loop: a long prompt takes a while
+            prompt = await asyncio.to_thread(lambda: tokenizer(body.prompt)["input_ids"])
+        elif body.prompt and isinstance(body.prompt[0], str):
+            raise ApiError(400, "prompt: a list of strings is a batch of prompts, which this server does not "
+                           "serve; send one request per prompt", param="prompt")
         else:
             prompt = body.prompt
             if any(t < 0 or t >= vocab for t in prompt):
@@ -105,12 +119,22 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
         messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+        prompt = await asyncio.to_thread(_render, messages)  # off the event loop: a long chat takes a while
+        return await _answer(request, body, prompt, body.max_completion_tokens or body.max_tokens, "chat.completion")
+
+    def _render(messages: list[dict]) -> list[int]:
+        """The chat template's token ids. Content that spells a special token is refused: the template's
+        tokenizer would parse it as one, so a user could close their turn and forge a system turn."""
+        for message in messages:
+            forged = special.search(message["content"]) if special else None
+            if forged:
+                raise ApiError(400, f"message content contains the special token {forged.group()!r}, which "
+                               "only the chat template may write", param="messages")
         try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
         except Exception as error:  # noqa: BLE001  the template's own checks (roles, order) reject the messages
             raise ApiError(400, f"the chat template rejected the messages: {error}", param="messages") from None
-        return await _answer(request, body, prompt, body.max_completion_tokens or body.max_tokens, "chat.completion")
 
     def _check_request(body: Body) -> None:
         if body.model != model_name:
@@ -122,11 +146,11 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         stop = stops(body)
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if max_tokens is None:  # chat's default: the rest of the context
-            max_tokens = context - len(prompt)
+        if max_tokens is None:  # chat's default: the rest of the context (or of the sliding window)
+            max_tokens = room - len(prompt)
             if max_tokens < 1:
-                raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the model's context ({context})",
-                                param="messages")
+                raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the model's context ({room})",
+                               param="messages")
         try:
             check_positions(model, len(prompt), max_tokens)
         except (ValueError, NotImplementedError) as error:
@@ -135,12 +159,13 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             generation = engine.submit(prompt, max_tokens, stop)
         except Overloaded as error:
             raise ApiError(503, f"overloaded: {error}", "server_overloaded") from None
+        except Unavailable as error:
+            raise ApiError(503, str(error), "server_error") from None
         identity = dict(id=f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                         created=int(time.time()), model=model_name)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(engine, generation, kind, identity, len(prompt), usage),
-                                     media_type="text/event-stream")
+            return _EventStream(engine, generation, _stream(generation, kind, identity, len(prompt), usage))
         text, finish_reason = await _collect(engine, generation, request)
         if finish_reason is None:  # the client went away
             return Response(status_code=499)
@@ -155,11 +180,13 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        if engine.broken is not None:
+            raise ApiError(503, engine.broken, "server_error")
         if not engine.alive:
             raise ApiError(503, "the decode thread is not running", "server_error")
         return {"status": "ok", "running": engine.running, "waiting": engine.waiting}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=guarded)  # global acceptance and load: the key holder's business
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -200,7 +227,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _collect(engine: Engine, generation: Generation, request: Request):
-    """The whole text and finish reason, or ``(text so far, None)`` once the client disconnects."""
+    """The whole text and finish reason, or ``(text so far, None)`` once the client disconnects. However this
+    ends (an answer, a disconnect, the handler cancelled), the row leaves the batch (a no-op once done)."""
 
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
@@ -211,10 +239,11 @@ async def _collect(engine: Engine, generation: Generation, request: Request):
     try:
         while True:
             getter = asyncio.ensure_future(generation.events.get())
-            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                engine.cancel(generation)
+            try:
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                getter.cancel()  # a no-op once it has its event
+            if getter.cancelled():
                 return "".join(parts), None
             kind, value = getter.result()
             if kind == "text":
@@ -225,12 +254,26 @@ async def _collect(engine: Engine, generation: Generation, request: Request):
                 raise ApiError(500, value, "server_error")
     finally:
         watcher.cancel()
+        engine.cancel(generation)
 
 
-async def _stream(engine: Engine, generation: Generation, kind: str, identity: dict, prompt_tokens: int,
-                  usage: bool):
-    """Server-sent events: one chunk per text delta, the finish reason, optionally usage, then ``[DONE]``.
-    Starlette cancels this generator when the client disconnects; ``finally`` then frees the row."""
+class _EventStream(StreamingResponse):
+    """Server-sent events whose row leaves the batch however the response ends: a client gone before the
+    first chunk means Starlette never starts the generator, so a ``finally`` inside it would never run."""
+
+    def __init__(self, engine: Engine, generation: Generation, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.engine, self.generation = engine, generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine.cancel(self.generation)
+
+
+async def _stream(generation: Generation, kind: str, identity: dict, prompt_tokens: int, usage: bool):
+    """Server-sent events: one chunk per text delta, the finish reason, optionally usage, then ``[DONE]``."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -239,22 +282,27 @@ async def _stream(engine: Engine, generation: Generation, kind: str, identity: d
         return _sse({**identity, "object": obj,
                      "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]})
 
-    try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        while True:
-            event, value = await generation.events.get()
-            if event == "text":
-                yield chunk({"content": value})
-            elif event == "done":
-                yield chunk({}, value)
-                if usage:
-                    yield _sse({**identity, "object": obj, "choices": [],
-                                "usage": _usage(prompt_tokens, generation.tokens)})
-                break
-            else:
-                yield _sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        engine.cancel(generation)
+    if chat:
+        yield chunk({"role": "assistant", "content": ""})
+    while True:
+        event, value = await generation.events.get()
+        if event == "text":
+            yield chunk({"content": value})
+        elif event == "done":
+            yield chunk({}, value)
+            if usage:
+                yield _sse({**identity, "object": obj, "choices": [],
+                            "usage": _usage(prompt_tokens, generation.tokens)})
+            break
+        else:
+            yield _sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+            break
+    yield "data: [DONE]\n\n"
+
+
+def _special_tokens(tokenizer) -> re.Pattern | None:
+    """A pattern matching the text of any special token of ``tokenizer`` (longest first), or None."""
+    texts = set(getattr(tokenizer, "all_special_tokens", ()))
+    texts |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    texts.discard("")
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.decoding import Decoder
-from ..runtime.drafts import Corpus
+from ..runtime.drafts import SOURCES, Corpus
 from ..runtime.inputs import check_model, resolve_special_tokens
 from .metrics import Metrics
 from .text import TextStream
@@ -23,8 +23,23 @@ from .text import TextStream
 log = logging.getLogger("cllm_rt.serve")
 
 
-class Overloaded(Exception):
+CORPUS_MODES = ("off", "shared")
+
+
+class Unavailable(Exception):
+    """The engine takes no request now: it is shutting down, or broken."""
+
+
+class Overloaded(Unavailable):
     """Every row decodes and the queue is full."""
+
+
+class _NoCorpus(Corpus):
+    """The corpus of ``corpus="off"``: it learns nothing (the Decoder adds every finished output to its
+    corpus, and a process-wide default corpus would keep them)."""
+
+    def add(self, tokens: list[int]) -> None:
+        pass
 
 
 @dataclass
@@ -71,19 +86,33 @@ class Generation:
 
 class Engine:
     """The decode thread and its queue: :meth:`submit` from the event loop, events come back on each
-    generation's queue. At most ``max_batch`` rows decode together and ``max_queue`` requests wait."""
+    generation's queue. At most ``max_batch`` rows decode together and ``max_queue`` requests wait.
 
-    def __init__(self, model, tokenizer, *, block_size: int = 16, drafts="auto", max_batch: int = 16,
-                 max_queue: int = 64, metrics: Metrics | None = None):
+    ``corpus``: where the "corpus" draft source comes from. ``"off"`` (the default): no corpus, so nothing one
+    client sent or received can speed up, or be timed by, another. ``"shared"``: one corpus of every earlier
+    answer, for every client (faster on repeated content; chunk sizes and timing then tell a client whether
+    others asked something similar). The settings are checked here, so a bad one stops the server at start-up.
+    """
+
+    def __init__(self, model, tokenizer, *, block_size: int = 16, drafts="auto", corpus: str = "off",
+                 max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None):
         check_model(model)
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if corpus not in CORPUS_MODES:
+            raise ValueError(f"corpus must be one of {list(CORPUS_MODES)}, got {corpus!r}")
         self.model, self.tokenizer = model, tokenizer
-        # the server's own corpus of earlier answers (a draft source): kept across requests, shared with no one
-        self.decoder_options = dict(block_size=block_size, drafts=drafts, corpus=Corpus())
+        if corpus == "off" and drafts is not None:
+            names = SOURCES if drafts == "auto" else (drafts,) if isinstance(drafts, str) else tuple(drafts)
+            drafts = tuple(name for name in names if name != "corpus")
+        self.corpus = Corpus() if corpus == "shared" else _NoCorpus()  # kept across Decoders
+        self.decoder_options = dict(block_size=block_size, drafts=drafts, corpus=self.corpus)
         self.eos = set(resolve_special_tokens(model)[0])
+        Decoder(model, eos=self.eos, **self.decoder_options)  # its own checks of the settings, now
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
+        self.broken: str | None = None  # why the decode thread stopped for good
+        self.generated = 0  # tokens generated for requests, in all
         self._lock = threading.Condition()
         self._waiting: collections.deque[Generation] = collections.deque()
         self._cancelled: set[int] = set()
@@ -116,17 +145,21 @@ class Engine:
             self._lock.notify()
         if self._thread.is_alive():
             self._thread.join()
-        for generation in self._waiting:
-            generation.send("error", "the server is shutting down")
-        self._waiting.clear()
+        with self._lock:
+            for generation in self._waiting:
+                generation.send("error", "the server is shutting down")
+            self._in_flight -= len(self._waiting)
+            self._waiting.clear()
 
     def submit(self, prompt: list[int], max_tokens: int, stop: list[str]) -> Generation:
-        """Queue a generation (event loop thread); raises :class:`Overloaded` at once when full."""
+        """Queue a generation (event loop thread); raises :class:`Unavailable` at once when it cannot."""
         generation = Generation(next(self._handles), prompt, max_tokens, TextStream(self.tokenizer, stop),
-                                 asyncio.get_running_loop())
+                                asyncio.get_running_loop())
         with self._lock:
+            if self.broken is not None:
+                raise Unavailable(self.broken)
             if self._closing:
-                raise Overloaded("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             if self._in_flight >= self.max_batch + self.max_queue:
                 raise Overloaded(f"{self.max_batch} requests decoding and {self.max_queue} waiting; retry later")
             self._in_flight += 1
@@ -142,7 +175,7 @@ class Engine:
                 self._waiting.remove(generation)
                 self._in_flight -= 1
                 self.metrics.queue_depth.set(len(self._waiting))
-            elif generation.finish_reason is None:
+            elif generation.handle in self._active:
                 self._cancelled.add(generation.handle)
 
     def _serve(self) -> None:
@@ -153,16 +186,20 @@ class Engine:
                     return
             try:
                 # a Decoder per busy period: the model runs the runtime's attention only while it decodes
-                with torch.inference_mode(), Decoder(self.model, eos=self.eos, **self.decoder_options) as decoder:
+                decoder = Decoder(self.model, eos=self.eos, **self.decoder_options)
+                decoder.__enter__()
+            except Exception:  # noqa: BLE001  no decoder, no decoding: say so instead of retrying forever
+                log.exception("the decoder could not be built; the server cannot decode")
+                self._break("the server's decoder could not be built (see the server log); restart the server")
+                return
+            try:
+                with torch.inference_mode():
                     self._decode(decoder)
             except Exception as error:  # noqa: BLE001  a failed step fails its requests, never the server
                 log.exception("decoding failed")
-                with self._lock:
-                    for generation in self._active.values():
-                        generation.send("error", f"decoding failed: {error}")
-                    self._in_flight -= len(self._active)
-                    self._active.clear()
-                    self.metrics.running.set(0)
+                self._fail(list(self._active), client_message(error))
+            finally:
+                decoder.__exit__(None, None, None)
 
     def _decode(self, decoder: Decoder) -> None:
         """Step the batch until no row is left, letting requests join and leave between steps."""
@@ -170,8 +207,7 @@ class Engine:
         while True:
             joining = self._admit(decoder)
             if joining:
-                decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining])
-                self.metrics.prompt_tokens.inc(sum(len(g.prompt) for g in joining))
+                self._join(decoder, joining)
             if not self._active:
                 return
             events = decoder.emit()  # before the next forward: a first token right after its prefill
@@ -188,6 +224,7 @@ class Engine:
                     if not finished:  # a stop string: the runtime does not know it is done
                         decoder.remove(handle)
                 self.metrics.generation_tokens.inc(generation.tokens - before)
+                self.generated += generation.tokens - before
             with self._lock:
                 for generation in done:
                     del self._active[generation.handle]
@@ -197,7 +234,17 @@ class Engine:
                 self.metrics.finished(generation)
             if not decoder.rows:
                 continue  # every row just finished or stopped: no forward to run or count
-            decoder.decode()
+            try:
+                decoder.decode()
+            except Exception as error:  # noqa: BLE001
+                failed = failed_rows(error, [row.index for row in decoder.rows])
+                if failed >= {row.index for row in decoder.rows}:
+                    raise  # the whole batch: a fresh Decoder for what comes next
+                log.exception("decoding failed for %d of %d rows", len(failed), len(decoder.rows))
+                for handle in failed:
+                    decoder.remove(handle)
+                self._fail(failed, client_message(error))
+                continue
             histogram = decoder.stats.accepted_histogram
             steps, tokens = sum(histogram), sum(k * c for k, c in enumerate(histogram))
             self.metrics.forwards.inc()
@@ -207,6 +254,45 @@ class Engine:
             self._accepted += tokens - seen_tokens
             self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
             seen_steps, seen_tokens = steps, tokens
+
+    def _join(self, decoder: Decoder, joining: list[Generation]) -> None:
+        """Prefill the joining requests in one forward. The Decoder checks a group as its longest prompt plus
+        its largest budget, so requests that each fit may not fit together: then they join one by one, and
+        only a request that fails alone fails (a refused or failed ``add`` leaves the decoder as it was)."""
+        try:
+            decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining])
+        except Exception as error:  # noqa: BLE001
+            if len(joining) == 1:
+                log.warning("a request could not join the batch: %s", error)
+                alone = isinstance(error, (ValueError, NotImplementedError))  # the checks of this request alone
+                self._fail([joining[0].handle], f"this request cannot be decoded: {error}" if alone
+                           else client_message(error))
+                return
+            for generation in joining:
+                self._join(decoder, [generation])
+            return
+        self.metrics.prompt_tokens.inc(sum(len(g.prompt) for g in joining))
+
+    def _fail(self, handles, message: str) -> None:
+        """End these rows' requests with an error event."""
+        with self._lock:
+            for handle in handles:
+                generation = self._active.pop(handle, None)
+                if generation is not None:
+                    generation.send("error", message)
+                    self._in_flight -= 1
+            self.metrics.running.set(len(self._active))
+
+    def _break(self, reason: str) -> None:
+        with self._lock:
+            self.broken = reason
+            for generation in [*self._active.values(), *self._waiting]:
+                generation.send("error", reason)
+            self._in_flight = 0
+            self._active.clear()
+            self._waiting.clear()
+            self.metrics.running.set(0)
+            self.metrics.queue_depth.set(0)
 
     def _admit(self, decoder: Decoder) -> list[Generation]:
         """Apply cancellations; move waiting requests into the batch while rows are free."""
@@ -232,3 +318,23 @@ class Engine:
         for generation in joining:
             self.metrics.queue_time.observe(now - generation.arrived)
         return joining
+
+
+def failed_rows(error: Exception, handles: list[int]) -> set[int]:
+    """ADAPTATION POINT for the runtime's per-row failures (issue 21): the rows of the batch that a failed
+    ``Decoder.decode`` concerns. Today's Decoder raises for the whole batch (a NaN in one row, an
+    out-of-memory), so all of them; a Decoder that names the rows (``error.handles``) fails only those, and the
+    engine removes them and keeps decoding the others with the same Decoder. If the runtime reports failures
+    in ``emit``'s events instead of raising, map them onto :meth:`Engine._fail` where ``_decode`` reads them."""
+    named = getattr(error, "handles", None)
+    return set(named) & set(handles) if named else set(handles)
+
+
+def client_message(error: Exception) -> str:
+    """What a client may read about a failure of its own request: its kind, never other rows' values or the
+    server's internals (those go to the server log)."""
+    if isinstance(error, FloatingPointError):
+        return "the model produced NaN for this request; greedy decoding is undefined"
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return "out of memory while decoding this request; retry with a shorter prompt or max_tokens"
+    return "decoding failed (see the server log)"

@@ -15,6 +15,8 @@ from .app import create_app
 
 log = logging.getLogger("cllm_rt.serve")
 
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
 
 @contextlib.contextmanager
 def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
@@ -22,7 +24,7 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cllm_rt-uvicorn", daemon=True)
     thread.start()
     try:
@@ -47,4 +49,5 @@ def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     app = create_app(model, tokenizer, model_name=model_name or str(spec), api_key=api_key, **options)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who reaches this address can use the model", host)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # on Ctrl-C, streams still open get this long to finish before they are cut, instead of holding the exit
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# Tokens a window may hold while its text still ends in an incomplete character. A character is at most 4
+# bytes and every token carries at least one, so by then the bytes are invalid (or a pathological tokenizer
+# splits characters across every token): the text is taken as it decodes, replacement characters and all,
+# and each decode stays this short instead of growing with the output.
+MAX_WAITING_TOKENS = 8
+
 
 class TextStream:
     """A generation's token ids → the text that is final.
@@ -29,7 +35,7 @@ class TextStream:
 
     def take(self, final: bool = False) -> str:
         """The final text not handed out yet."""
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held()
+        end = len(self.text) if final or self.stopped else len(self.text) - held_back(self.text, self.stop)
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         return delta
 
@@ -38,6 +44,7 @@ class TextStream:
             return True
         head = self._decode(self.prefix, self.read)
         window = self._decode(self.prefix, len(self.ids))
+        final = final or len(self.ids) - self.read >= MAX_WAITING_TOKENS
         if len(window) > len(head) and (final or not window.endswith("\ufffd")):
             checked = len(self.text)
             self.text += window[len(head):]
@@ -51,7 +58,22 @@ class TextStream:
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True) if end > start else ""
 
-    def _held(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string (what may still grow
+    into one). Knuth-Morris-Pratt over the last ``len(stop) - 1`` characters: linear in the stop strings."""
+    held = 0
+    for stop in stops:
+        failure = [0] * len(stop)  # failure[i]: longest proper prefix of stop[:i + 1] that is also its suffix
+        for i in range(1, len(stop)):
+            k = failure[i - 1]
+            while k and stop[i] != stop[k]:
+                k = failure[k - 1]
+            failure[i] = k + (stop[i] == stop[k])
+        matched = 0
+        for char in text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else "":
+            while matched and char != stop[matched]:
+                matched = failure[matched - 1]
+            matched += char == stop[matched]
+        held = max(held, matched)
+    return held
