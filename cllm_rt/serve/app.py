@@ -242,8 +242,9 @@ async def _collect(engine: Engine, generation: Generation, request: Request):
             try:
                 await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                getter.cancel()  # a no-op once it has its event
-            if getter.cancelled():
+                if not getter.done():
+                    getter.cancel()  # cancelled only once it runs again: done() stays False until then
+            if not getter.done():  # the client went away
                 return "".join(parts), None
             kind, value = getter.result()
             if kind == "text":
