@@ -216,7 +216,8 @@ def main() -> None:
     per_level = {c: questions[k * args.requests:(k + 1) * args.requests] for k, c in enumerate(levels)}
 
     rows = []
-    app = serve.create_app(model, tokenizer, model_name=NAME, block_size=args.block_size,
+    # the corpus shared by every client, as measured before --corpus existed (the server's default is off)
+    app = serve.create_app(model, tokenizer, model_name=NAME, block_size=args.block_size, corpus="shared",
                            max_batch=max(levels), max_queue=args.requests)
     with serve.background(app) as url:
         asyncio.run(_serve_load(url, warm_up, 1, 4))

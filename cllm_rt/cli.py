@@ -133,13 +133,26 @@ def _demo(args) -> None:
 
 
 def _serve(args) -> None:
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CLLM_RT_API_KEY")
+    if api_key == "":  # set but empty: most likely a key that failed to arrive, so never read as "no key"
+        raise ValueError("the API key (--api-key or CLLM_RT_API_KEY) is empty: give a key, or unset "
+                         "CLLM_RT_API_KEY to serve without one")
     torch = _start_torch(args.threads)
-    from .serve import serve
+    try:
+        from .serve import serve
+    except ModuleNotFoundError as error:
+        if error.name not in _SERVE_PACKAGES:
+            raise
+        raise ValueError(f"the server needs {error.name}: pip install 'cllm_rt[serve]'") from None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CLLM_RT_API_KEY"),
-          dtype=args.dtype, device=device, model_name=args.served_model_name, block_size=args.block_size,
+    serve(args.model, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype, device=device,
+          model_name=args.served_model_name, block_size=args.block_size, corpus=args.corpus,
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+
+
+# the serve extra (setup.py) and what it brings
+_SERVE_PACKAGES = {"fastapi", "uvicorn", "prometheus_client", "starlette", "pydantic"}
 
 
 def _add_special_token_options(parser, pad: bool = True) -> None:
@@ -256,10 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help=model_help)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: $CLLM_RT_API_KEY, "
-                       "else no key)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and /metrics (default: "
+                       "$CLLM_RT_API_KEY, else no key; an empty key is an error)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
     serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--corpus", choices=["off", "shared"], default="off",
+                       help="draft from earlier answers: off (default: one client's text never speeds up, and so "
+                       "never reveals itself to, another) or shared (one corpus for every client: faster on "
+                       "repeated content)")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")

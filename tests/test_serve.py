@@ -222,13 +222,13 @@ def test_bad_chat_bodies_get_errors(url, messages, message):
 def test_a_failed_step_fails_its_requests_and_the_server_lives_on(tokenizer, reference, monkeypatch):
     failures = iter([True])
 
-    class Failing(serve.Decoder):
+    class Failing(serve.engine.Decoder):
         def decode(self):
             if next(failures, False):
                 raise FloatingPointError("the model produced NaN")
             return super().decode()
 
-    monkeypatch.setattr(serve, "Decoder", Failing)
+    monkeypatch.setattr(serve.engine, "Decoder", Failing)
     with serve.background(serve.create_app(_model(), tokenizer, model_name=NAME)) as url:
         failed = httpx.post(f"{url}/v1/completions", json=dict(model=NAME, prompt="x", max_tokens=5))
         assert failed.status_code == 500 and "NaN" in failed.json()["error"]["message"]
@@ -257,7 +257,7 @@ def test_api_key(tokenizer):
             _client(url).completions.create(model=NAME, prompt="x", max_tokens=2)
         keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
         assert keyed.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
-        assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open to probes
+        assert httpx.get(f"{url}/health").status_code == 200  # health stays open to probes
 
 
 def test_the_cli_serves_a_model_directory(tmp_path, tokenizer):

@@ -1,0 +1,26 @@
+"""An OpenAI-compatible HTTP server over the exact runtime, with continuous batching (``cllm-rt serve``).
+
+FastAPI + uvicorn serve ``/v1/completions``, ``/v1/chat/completions`` (the tokenizer's chat template),
+``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text). One background thread owns the model and a
+:class:`cllm_rt.runtime.decoding.Decoder`: requests that arrive while others decode join the running batch between
+two steps (prefilled together in one forward), tokens go out as soon as a forward (or a prefill) made them
+final, before the next forward runs, finished rows leave the batch, and a request whose client went away is
+removed from it. Each request's tokens become text on that thread (:class:`TextStream`: whole characters only,
+cut before a stop string) and travel to the event loop as deltas, streamed as server-sent events.
+
+Greedy only, as the runtime is exact greedy decoding: the texts equal ``cllm_rt.generate`` (and so
+``model.generate(do_sample=False)``) for the same prompt. A request for sampling (``temperature > 0``, ``top_p <
+1``, penalties, ``n > 1``, ...) is answered 400 with the reason instead of being decoded greedily in silence.
+
+Limits, each answered at once and never by a dying server: a request body over ``max_body_bytes`` 413; a prompt
+plus ``max_tokens`` beyond the model's positions 400; more than ``max_batch`` decoding plus ``max_queue``
+waiting 503; a malformed body 400, all as OpenAI-style JSON errors. ``api_key`` (off by default) guards the
+``/v1`` routes with ``Authorization: Bearer``.
+"""
+
+from .app import create_app
+from .engine import Engine, Overloaded
+from .launch import background, serve
+from .text import TextStream
+
+__all__ = ["Engine", "Overloaded", "TextStream", "background", "create_app", "serve"]
