@@ -4,6 +4,7 @@ Each test drives the real app (float64 tiny model): over loopback HTTP, or throu
 where a client must vanish at an exact moment."""
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
@@ -227,6 +228,33 @@ def test_errors_show_neither_internals_nor_other_rows(tokenizer, monkeypatch):
         failed = httpx.post(f"{url}/v1/completions", json=dict(model=NAME, prompt="x", max_tokens=5), timeout=30)
     message = failed.json()["error"]["message"]
     assert failed.status_code == 500 and "NaN" in message and "rows" not in message and "secret" not in message
+
+
+def test_a_row_that_fails_fails_its_request_only(tokenizer, monkeypatch):
+    """The runtime names the rows that failed (RowsFailed); the server fails those requests and the others
+    finish with their exact answers from the same batch."""
+    poison = tokenizer("zz")["input_ids"]
+
+    class OneRowFails(serve.engine.Decoder):
+        def decode(self):
+            bad = [row.index for row in self.rows if row.prompt == poison]
+            if bad:
+                self._keep([i for i, row in enumerate(self.rows) if row.index not in bad])
+                raise cllm_rt.runtime.decoding.RowsFailed({h: FloatingPointError("NaN") for h in bad})
+            super().decode()
+
+    monkeypatch.setattr(serve.engine, "Decoder", OneRowFails)
+    good = tokenizer("ab")["input_ids"]
+    with serve.background(serve.create_app(_model(), tokenizer, model_name=NAME, max_batch=4)) as url:
+        def post(prompt):
+            return httpx.post(f"{url}/v1/completions", timeout=60, json=dict(model=NAME, prompt=prompt, max_tokens=24))
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(post, ["zz", "ab", "zz", "ab"]))
+        health = httpx.get(f"{url}/health")
+    assert [r.status_code for r in responses] == [500, 200, 500, 200]
+    assert "NaN" in responses[0].json()["error"]["message"]
+    assert all(r.json()["choices"][0]["text"] == _expected(good, 24, tokenizer) for r in responses[1::2])
+    assert health.status_code == 200
 
 
 # ---------------------------------------------------------------- security

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.decoding import Decoder
+from ..runtime.decoding import Decoder, RowsFailed
 from ..runtime.drafts import SOURCES, Corpus
 from ..runtime.inputs import check_model, resolve_special_tokens
 from .metrics import Metrics
@@ -236,15 +236,11 @@ class Engine:
                 continue  # every row just finished or stopped: no forward to run or count
             try:
                 decoder.decode()
-            except Exception as error:  # noqa: BLE001
-                failed = failed_rows(error, [row.index for row in decoder.rows])
-                if failed >= {row.index for row in decoder.rows}:
-                    raise  # the whole batch: a fresh Decoder for what comes next
-                log.exception("decoding failed for %d of %d rows", len(failed), len(decoder.rows))
-                for handle in failed:
-                    decoder.remove(handle)
-                self._fail(failed, client_message(error))
-                continue
+            except RowsFailed as failed:  # those rows left the batch; the others took their step
+                log.warning("decoding failed for %d of %d rows: %s", len(failed.errors),
+                            len(decoder.rows) + len(failed.errors), failed)
+                for handle, error in failed.errors.items():
+                    self._fail([handle], client_message(error))
             histogram = decoder.stats.accepted_histogram
             steps, tokens = sum(histogram), sum(k * c for k, c in enumerate(histogram))
             self.metrics.forwards.inc()
@@ -256,22 +252,17 @@ class Engine:
             seen_steps, seen_tokens = steps, tokens
 
     def _join(self, decoder: Decoder, joining: list[Generation]) -> None:
-        """Prefill the joining requests in one forward. The Decoder checks a group as its longest prompt plus
-        its largest budget, so requests that each fit may not fit together: then they join one by one, and
-        only a request that fails alone fails (a refused or failed ``add`` leaves the decoder as it was)."""
+        """Prefill the joining requests in one forward. The Decoder checks and, if their group prefill fails,
+        prefills each row alone, so only a request that cannot be decoded by itself fails; the others join."""
         try:
             decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining])
-        except Exception as error:  # noqa: BLE001
-            if len(joining) == 1:
+        except RowsFailed as failed:
+            for handle, error in failed.errors.items():
                 log.warning("a request could not join the batch: %s", error)
                 alone = isinstance(error, (ValueError, NotImplementedError))  # the checks of this request alone
-                self._fail([joining[0].handle], f"this request cannot be decoded: {error}" if alone
-                           else client_message(error))
-                return
-            for generation in joining:
-                self._join(decoder, [generation])
-            return
-        self.metrics.prompt_tokens.inc(sum(len(g.prompt) for g in joining))
+                self._fail([handle], f"this request cannot be decoded: {error}" if alone else client_message(error))
+        joined = [g for g in joining if g.handle in self._active]
+        self.metrics.prompt_tokens.inc(sum(len(g.prompt) for g in joined))
 
     def _fail(self, handles, message: str) -> None:
         """End these rows' requests with an error event."""
@@ -318,16 +309,6 @@ class Engine:
         for generation in joining:
             self.metrics.queue_time.observe(now - generation.arrived)
         return joining
-
-
-def failed_rows(error: Exception, handles: list[int]) -> set[int]:
-    """ADAPTATION POINT for the runtime's per-row failures (issue 21): the rows of the batch that a failed
-    ``Decoder.decode`` concerns. Today's Decoder raises for the whole batch (a NaN in one row, an
-    out-of-memory), so all of them; a Decoder that names the rows (``error.handles``) fails only those, and the
-    engine removes them and keeps decoding the others with the same Decoder. If the runtime reports failures
-    in ``emit``'s events instead of raising, map them onto :meth:`Engine._fail` where ``_decode`` reads them."""
-    named = getattr(error, "handles", None)
-    return set(named) & set(handles) if named else set(handles)
 
 
 def client_message(error: Exception) -> str:
