@@ -167,6 +167,26 @@ def _check_lm_head_argmax(hidden, weight):
     _check_same_device("weight", weight, "hidden", hidden)
 
 
+def _check_linear(input, weights, biases):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() == 0 or input.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"input must be a float tensor [..., K], got {input.dtype} of shape {tuple(input.shape)}")
+    if len(weights) == 0 or len(biases) != len(weights):
+        raise ValueError(f"linear needs at least one weight and one bias entry (a tensor or None) per weight, "
+                         f"got {len(weights)} weights and {len(biases)} biases")
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check_tensor(f"weights[{i}]", w, 2, (input.dtype,))
+        _check_same_device(f"weights[{i}]", w, "input", input)
+        if w.shape[1] != input.shape[-1]:
+            raise ValueError(f"weights[{i}] must have shape [N, K={input.shape[-1]}], got {tuple(w.shape)}")
+        if b is not None:
+            _check_tensor(f"biases[{i}]", b, 1, (input.dtype,))
+            _check_same_device(f"biases[{i}]", b, "input", input)
+            if b.shape[0] != w.shape[0]:
+                raise ValueError(f"biases[{i}] must have shape [N={w.shape[0]}], got {tuple(b.shape)}")
+
+
 # Value checks of the reference path; the native path runs csrc/checks.cpp, whose
 # conditions and messages these repeat.
 
@@ -275,6 +295,12 @@ def lm_head_argmax_reference(hidden, weight):
     return (hidden.to(acc) @ weight.to(acc).T).argmax(-1)
 
 
+def linear_reference(input, weights, biases):
+    acc = _acc_dtype(input.dtype)
+    return [(F.linear(input.to(acc), w.to(acc), None if b is None else b.to(acc))).to(input.dtype)
+            for w, b in zip(weights, biases)]
+
+
 # ---------------------------------------------------------------- public ops
 
 def jacobi_verify(logits: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +401,21 @@ def lm_head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return lm_head_argmax_reference(hidden, weight)
 
 
+def linear(input: torch.Tensor, weights, biases=None) -> list[torch.Tensor]:
+    """[input @ weights[i].T + biases[i]] for several weights of one input [..., K] (e.g. q, k, v).
+
+    weights [N_i, K] and biases ([N_i] or None; ``None`` for all: no biases) of input's dtype; products
+    accumulate in float32 (float64 for float64). The CPU kernel reads each weight once for all rows, and a
+    row's result does not depend on the other rows of the call (the same bits for 1 row or 64).
+    """
+    weights = list(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
+    _check_linear(input, weights, biases)
+    if _native_kernel_for(input.device) and input.device.type == "cpu":
+        return list(torch.ops.cllm_rt.linear(input, weights, biases))
+    return linear_reference(input, weights, biases)
+
+
 def greedy_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens [B, n] of the LM head (weight [V, d], bias [V] or None) over hidden [B, n, d], and
@@ -415,3 +456,7 @@ if _C is not None:
     @torch.library.register_fake("cllm_rt::lm_head_argmax")
     def _(hidden, weight):
         return hidden.new_empty(hidden.shape[:2], dtype=torch.int64)
+
+    @torch.library.register_fake("cllm_rt::linear")
+    def _(input, weights, biases):
+        return [input.new_empty((*input.shape[:-1], w.shape[0])) for w in weights]

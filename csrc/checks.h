@@ -5,6 +5,7 @@
 // ValueError / TypeError in Python, as ops.py does.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -119,6 +120,32 @@ inline void check_lm_head_argmax(const at::Tensor& hidden, const at::Tensor& wei
                     weight.sizes());
   TORCH_CHECK_VALUE(weight.size(0) < INT32_MAX, "lm_head_argmax: vocabulary too large");
   check_same_device("lm_head_argmax", "weight", weight, hidden);
+}
+
+// linear: input [..., K]; weights [N_i, K] of input's dtype; biases one per weight, each
+// None or [N_i] of input's dtype; all on input's device.
+inline void check_linear(const at::Tensor& input, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases) {
+  check_float("linear", "input", input);
+  TORCH_CHECK_VALUE(input.dim() >= 1, "linear: input must have at least 1 dimension");
+  TORCH_CHECK_VALUE(!weights.empty(), "linear: weights must hold at least one weight");
+  TORCH_CHECK_VALUE(biases.size() == weights.size(), "linear: biases must hold one entry (a tensor ",
+                    "or None) per weight, got ", biases.size(), " for ", weights.size(), " weights");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK_TYPE(w.scalar_type() == input.scalar_type(), "linear: weights[", i,
+                     "] must have input's dtype ", input.scalar_type(), ", got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == input.size(-1), "linear: weights[", i,
+                      "] must be [N, K = ", input.size(-1), "], got ", w.sizes());
+    check_same_device("linear", "weights", w, input);
+    const std::optional<at::Tensor> bias = biases.get(i);
+    if (!bias.has_value()) continue;
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "linear: biases[", i,
+                     "] must have input's dtype ", input.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), "linear: biases[", i,
+                      "] must be [N = ", w.size(0), "], got ", bias->sizes());
+    check_same_device("linear", "biases", *bias, input);
+  }
 }
 
 // Value checks, on every device. They need the values on the host; on a GPU that is a

@@ -24,6 +24,9 @@ TORCH_LIBRARY(cllm_rt, m) {
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
         "Tensor parents, float scale) -> Tensor");
   // The deepest node the greedy tokens confirm: (accepted [B], node [B], path [B, n]).
+  // [input @ weights[i].T + biases[i]]: the linear layers of one input [..., K], each weight
+  // [N_i, K] read once for all rows; a row's values do not depend on the other rows.
+  m.def("linear(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
   m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
 }
 

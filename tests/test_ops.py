@@ -611,3 +611,49 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.cllm_rt.tree_attention.default, (q, k, v, lens, parents, 0.25))
     torch.library.opcheck(torch.ops.cllm_rt.tree_verify.default, (block, block, parents))
     torch.library.opcheck(torch.ops.cllm_rt.lm_head_argmax.default, (hidden, weight))
+
+
+# ---------------------------------------------------------------- linear
+
+LINEAR_SHAPES = [((1, 5), (3,)), ((2, 7, 33), (9, 1)), ((13, 64), (17, 48)), ((3, 21, 100), (5,))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("in_shape, outs", LINEAR_SHAPES)
+def test_linear_matches_reference_and_is_row_invariant(dtype, in_shape, outs):
+    g = torch.Generator().manual_seed(len(in_shape) * 100 + in_shape[-1])
+    K = in_shape[-1]
+    x = torch.randn(in_shape, generator=g).to(dtype)
+    weights = [torch.randn(N, K, generator=g).to(dtype) for N in outs]
+    biases = [torch.randn(N, generator=g).to(dtype) if i % 2 == 0 else None for i, N in enumerate(outs)]
+    got = ops.linear(x, weights, biases)
+    want = ops.linear_reference(x, weights, biases)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == dtype
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol)
+    # One row at a time gives the same bits as all rows at once: the kernel's sums ignore the row count.
+    rows = x.reshape(-1, K)
+    one_by_one = [torch.cat(col) for col in zip(*(ops.linear(rows[i:i + 1], weights, biases)
+                                                    for i in range(rows.shape[0])))]
+    for a, b in zip(got, one_by_one):
+        assert torch.equal(a.reshape(-1, a.shape[-1]), b)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+def test_linear_opcheck():
+    x = torch.randn(3, 5, 20, dtype=torch.float64)
+    ws = [torch.randn(7, 20, dtype=torch.float64), torch.randn(4, 20, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.cllm_rt.linear.default, (x, ws, [torch.randn(7, dtype=torch.float64), None]))
+
+
+def test_linear_rejects_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weights\[0\] must have shape"):
+        ops.linear(x, [torch.randn(3, 9)])
+    with pytest.raises(TypeError, match=r"weights\[0\] must have dtype"):
+        ops.linear(x, [torch.randn(3, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="one bias entry"):
+        ops.linear(x, [torch.randn(3, 8)], [None, None])
+    with pytest.raises(ValueError, match=r"biases\[0\] must have shape"):
+        ops.linear(x, [torch.randn(3, 8)], [torch.randn(4)])

@@ -1,0 +1,203 @@
+// linear on CPU: outputs[i] = input @ weights[i].T (+ biases[i]) for a few rows (tokens x batch)
+// and several weights, each weight streamed from memory once for all rows.
+//
+// torch's small-row GEMM re-reads the weights per row (SmolLM2's LM head: 10.6 ms at 1 row,
+// 20 ms at 2); here threads take blocks of kNR weight rows, a block stays in L1 while every
+// input row passes over it, and the inputs stay in L2.
+//
+// Row invariance: each output element is its own vector accumulator over k, in k order,
+// reduced across lanes in a fixed tree, with the same instructions whatever the row count
+// (a block of kMR rows and the remainder kernels differ only in how many accumulators they
+// hold). So a row's result does not depend on the other rows of the call: a token tree's
+// forward gives bit for bit the tokens of a one-token forward, even in float32.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "simd.h"
+
+namespace cllm_rt {
+namespace {
+
+// One vector register: a zmm with AVX-512, else a ymm.
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64;
+constexpr int kMR = 3;  // 3 x 8 accumulators + 8 weight vectors + 1 input = 33: the compiler keeps it in 32
+#else
+constexpr int kVecBytes = 32;
+constexpr int kMR = 2;  // 2 x 4 accumulators + 4 + 1 = 13 of 16 registers
+#endif
+#ifdef __AVX512F__
+constexpr int kNR = 8;  // weight rows per micro-kernel
+#else
+constexpr int kNR = 4;
+#endif
+constexpr int64_t kBlockRows = 16;  // weight rows per parallel task
+
+template <typename acc_t>
+using V = simd::Vec<acc_t, kVecBytes>;
+template <typename acc_t>
+constexpr int64_t kLanes = kVecBytes / sizeof(acc_t);
+
+// The first `count` elements of p as a vector, zeros after (a row's tail).
+template <typename acc_t>
+inline V<acc_t> load_partial(const acc_t* p, int64_t count) {
+  V<acc_t> v{};
+  std::memcpy(&v, p, count * sizeof(acc_t));
+  return v;
+}
+
+// Sum of the lanes, halving the vector each step (a fixed order).
+template <typename Vec>
+inline auto reduce_lanes(Vec v) {
+  constexpr int kBytes = sizeof(Vec);
+  using T = std::remove_reference_t<decltype(v[0])>;
+  if constexpr (kBytes == sizeof(T)) {
+    return v[0];
+  } else {
+    using Half = simd::Vec<T, kBytes / 2>;
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return reduce_lanes(lo + hi);
+  }
+}
+
+// out[m][n] = sum_k x[m][k] * w[n][k] for kM input rows and kN weight rows; x and w are acc_t
+// rows of strides ldx / ldw.
+template <typename acc_t, int kM, int kN>
+inline void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w, int64_t ldw,
+                      acc_t out[kMR][kNR]) {
+  constexpr int64_t L = kLanes<acc_t>;
+  V<acc_t> acc[kM][kN];
+  for (int m = 0; m < kM; ++m)
+    for (int n = 0; n < kN; ++n) acc[m][n] = V<acc_t>{};
+  const auto step = [&](auto load) {
+    V<acc_t> wv[kN];
+    for (int n = 0; n < kN; ++n) wv[n] = load(w + n * ldw);
+    for (int m = 0; m < kM; ++m) {
+      const V<acc_t> xv = load(x + m * ldx);
+      for (int n = 0; n < kN; ++n) acc[m][n] += xv * wv[n];
+    }
+  };
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    step([k](const acc_t* p) { return simd::load<V<acc_t>>(p + k); });
+  }
+  if (k < K) step([k, K](const acc_t* p) { return load_partial(p + k, K - k); });
+  for (int m = 0; m < kM; ++m)
+    for (int n = 0; n < kN; ++n) out[m][n] = reduce_lanes(acc[m][n]);
+}
+
+template <typename acc_t, int kN, int kM = kMR>
+inline void micro_dot_rows(int64_t rows, int64_t K, const acc_t* x, int64_t ldx, const acc_t* w,
+                           int64_t ldw, acc_t out[kMR][kNR]) {
+  if constexpr (kM > 0) {
+    if (rows == kM) return micro_dot<acc_t, kM, kN>(K, x, ldx, w, ldw, out);
+    micro_dot_rows<acc_t, kN, kM - 1>(rows, K, x, ldx, w, ldw, out);
+  }
+}
+
+template <typename acc_t, int kN = kNR>
+inline void micro_dot_any(int64_t rows, int64_t cols, int64_t K, const acc_t* x, int64_t ldx,
+                          const acc_t* w, int64_t ldw, acc_t out[kMR][kNR]) {
+  if constexpr (kN > 0) {
+    if (cols == kN) return micro_dot_rows<acc_t, kN>(rows, K, x, ldx, w, ldw, out);
+    micro_dot_any<acc_t, kN - 1>(rows, cols, K, x, ldx, w, ldw, out);
+  }
+}
+
+// One weight (and its bias or nullptr) and its output [R, N].
+template <typename scalar_t>
+struct Projection {
+  const scalar_t* weight;
+  const scalar_t* bias;
+  scalar_t* out;
+  int64_t N;
+};
+
+template <typename scalar_t>
+void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
+                   const std::vector<Projection<scalar_t>>& projections) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  // The input rows widened once (they are read once per weight block).
+  std::vector<acc_t> xbuf(kWiden ? R * K : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
+  const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
+
+  // Tasks: kBlockRows-row blocks of every weight, numbered across the weights.
+  std::vector<int64_t> first_block(projections.size() + 1, 0);
+  for (size_t p = 0; p < projections.size(); ++p) {
+    first_block[p + 1] = first_block[p] + (projections[p].N + kBlockRows - 1) / kBlockRows;
+  }
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> wbuf(kWiden ? kNR * K : 0);
+    acc_t out[kMR][kNR];
+    for (int64_t block = begin; block < end; ++block) {
+      const size_t p = std::upper_bound(first_block.begin(), first_block.end(), block) -
+                       first_block.begin() - 1;
+      const Projection<scalar_t>& proj = projections[p];
+      const int64_t n_end = std::min(proj.N, (block - first_block[p] + 1) * kBlockRows);
+      for (int64_t n0 = (block - first_block[p]) * kBlockRows; n0 < n_end; n0 += kNR) {
+        const int64_t cols = std::min<int64_t>(kNR, n_end - n0);
+        const scalar_t* w_src = proj.weight + n0 * K;
+        if constexpr (kWiden) {
+          for (int64_t i = 0; i < cols * K; ++i) wbuf[i] = w_src[i];
+        }
+        const acc_t* w = kWiden ? wbuf.data() : reinterpret_cast<const acc_t*>(w_src);
+        for (int64_t r0 = 0; r0 < R; r0 += kMR) {
+          const int64_t rows = std::min<int64_t>(kMR, R - r0);
+          micro_dot_any<acc_t>(rows, cols, K, x + r0 * K, K, w, K, out);
+          for (int64_t m = 0; m < rows; ++m) {
+            for (int64_t n = 0; n < cols; ++n) {
+              const acc_t b = proj.bias ? static_cast<acc_t>(proj.bias[n0 + n]) : acc_t(0);
+              proj.out[(r0 + m) * proj.N + n0 + n] =
+                  static_cast<scalar_t>(proj.bias ? out[m][n] + b : out[m][n]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> linear_cpu(const at::Tensor& input, at::TensorList weights,
+                                   const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear(input, weights, biases);
+  const at::Tensor x = input.contiguous();
+  const int64_t K = x.size(-1), R = x.numel() / std::max<int64_t>(K, 1);
+  std::vector<at::Tensor> keep, outputs;  // contiguous copies live until the kernel is done
+  for (size_t i = 0; i < weights.size(); ++i) {
+    keep.push_back(weights[i].contiguous());
+    const std::optional<at::Tensor> bias = biases.get(i);
+    keep.push_back(bias.has_value() ? bias->contiguous() : at::Tensor());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(weights[i].size(0));
+    outputs.push_back(at::empty(shape, x.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_cpu", [&] {
+    std::vector<Projection<scalar_t>> projections;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const at::Tensor& bias = keep[2 * i + 1];
+      projections.push_back({keep[2 * i].const_data_ptr<scalar_t>(),
+                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                             outputs[i].data_ptr<scalar_t>(), weights[i].size(0)});
+    }
+    if (R > 0) linear_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
+  });
+  return outputs;
+}
+
+TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace cllm_rt
