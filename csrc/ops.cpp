@@ -25,6 +25,11 @@ TORCH_LIBRARY(cllm_rt, m) {
         "Tensor parents, float scale) -> Tensor");
   // The deepest node the greedy tokens confirm: (accepted [B], node [B], path [B, n]).
   m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
+  // Sampled tokens argmax(logits / T + Gumbel noise) [B, n] (gumbel_noise.h), seeds [B],
+  // positions [B, n] of the predicted tokens, temperature [B] float64 (0: argmax).
+  m.def("gumbel_argmax(Tensor logits, Tensor seeds, Tensor positions, Tensor temperature) -> Tensor");
+  // The noise's uniforms [B, n, vocab] float64, for tests of the generator.
+  m.def("gumbel_uniform(Tensor seeds, Tensor positions, int vocab) -> Tensor");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,6 +35,7 @@ from .cost import StepCost, choose_budget
 from .drafts import SOURCES, AcceptanceStats, Corpus, DraftTree, NgramIndex
 from .inputs import (NOT_GIVEN, check_model, check_positions, raise_on_nan, resolve_special_tokens,
                      unpad_prompts)
+from .sampling import SamplingParams, batch_sampling, sampling_from_config
 from .step import PromptGuesses, prefill, tree_step
 
 DRAFT_DEPTH = 16  # longest suffix-draft continuation
@@ -64,6 +65,7 @@ class GenerationStats:
 class GenerationOutput:
     sequences: torch.LongTensor  # [B, prompt + new]: the inputs as given, then new tokens (pad after a row ends)
     stats: GenerationStats
+    seed: int | None = None  # the sampling seed (row b used seed + b): given or drawn; None when greedy
 
 
 @dataclass
@@ -79,6 +81,7 @@ class _Row:
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
     steps: int = 0  # decode forwards this row took part in
+    sampling: SamplingParams | None = None  # None: greedy
 
     @property
     def depth_left(self) -> int:
@@ -155,8 +158,10 @@ class Decoder:
         self._attention.__exit__(*exc)
         self._attention = None
 
-    def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int]) -> None:
-        """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit."""
+    def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int],
+            sampling: list[SamplingParams | None] | None = None) -> None:
+        """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit.
+        ``sampling``: per prompt, its seeded sampling (None: greedy; default: every row greedy)."""
         self._check_entered()
         for value in max_new_tokens:
             _check_count("max_new_tokens", value)
@@ -174,11 +179,13 @@ class Decoder:
         cache = JacobiCache(self.model.config.num_hidden_layers, torch.zeros_like(lengths),
                             max_len=tokens.shape[1] + max(max_new_tokens) + self.widest)
         start = time.perf_counter()
-        first = prefill(self.model, cache, tokens, lengths).tolist()
+        sampling = [None] * len(prompts) if sampling is None else list(sampling)
+        first = prefill(self.model, cache, tokens, lengths, batch_sampling(sampling, self.device)).tolist()
         self.stats.prefill_seconds += time.perf_counter() - start
         self.cache = cache if self.cache is None else self.cache.extend(cache)
-        for p, budget, handle, token in zip(prompts, max_new_tokens, handles, first):
-            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[token])
+        for p, budget, handle, token, params in zip(prompts, max_new_tokens, handles, first, sampling):
+            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[token],
+                       sampling=params)
             row.history.extend(p)
             self.rows.append(row)
 
@@ -257,7 +264,8 @@ class Decoder:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
              block_size: int = 16, drafts="auto", max_tree_nodes: int = 64, corpus: Corpus | None = None,
              eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN, generation_config=None, streamer=None,
-             seed: int = 0) -> GenerationOutput:
+             seed: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None) -> GenerationOutput:
     """Greedy generation, many tokens per forward; ``sequences`` equals ``model.generate(..., do_sample=False)``.
 
     ``drafts``: ``"auto"`` (every source in :data:`cllm_rt.runtime.drafts.SOURCES`, budget chosen per step),
@@ -268,10 +276,21 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``model.generate``; each row finishes on its own (EOS or ``max_new_tokens``) and leaves the batch.
     ``eos_token_id``/``pad_token_id`` not given fall back on ``generation_config`` (default: the model's);
     given as ``None`` they are off, as in ``model.generate``.
+
+    ``do_sample=True`` (or the generation config's ``do_sample``) samples with ``temperature``, ``top_k``,
+    ``top_p``, ``min_p`` (not given: the generation config's, then transformers' defaults) by seeded
+    Gumbel-max (:mod:`cllm_rt.runtime.sampling`): row b uses ``seed + b``, and ``seed=None`` draws a seed,
+    returned as ``output.seed``. The tokens equal one-token-at-a-time sampling with the same seed on every
+    decoding path and in any batch; ``model.generate(do_sample=True)`` draws other random numbers (same
+    distribution, another sequence). ``seed`` also seeds the Jacobi guesses, which never change the output.
     """
     _check_count("max_new_tokens", max_new_tokens)
     check_model(model)
-    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config)
+    config = model.generation_config if generation_config is None else generation_config
+    params = sampling_from_config(config, do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  min_p=min_p, seed=seed)
+    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config,
+                                               sampling_decided=True)
     tokens, lengths = unpad_prompts(input_ids, attention_mask)
     if streamer is not None and tokens.shape[0] != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")
@@ -280,8 +299,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     start = time.perf_counter()
     outputs: list[list[int]] = [[] for _ in prompts]
     with Decoder(model, block_size=block_size, drafts=drafts, max_tree_nodes=max_tree_nodes, corpus=corpus,
-                 eos=eos, seed=seed) as decoder:
-        decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))  # checks the ids first
+                 eos=eos, seed=0 if params is None else params.seed) as decoder:
+        rows = [None if params is None else replace(params, seed=params.seed + b) for b in range(len(prompts))]
+        decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))), rows)  # checks ids first
         if streamer is not None:
             streamer.put(input_ids.cpu())
         while decoder.rows:
@@ -295,7 +315,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     stats = decoder.stats
     stats.new_tokens = [len(out) for out in outputs]
     stats.wall_seconds = time.perf_counter() - start
-    return GenerationOutput(_assemble(input_ids.to(decoder.device), outputs, pad_token_id), stats)
+    return GenerationOutput(_assemble(input_ids.to(decoder.device), outputs, pad_token_id), stats,
+                            None if params is None else params.seed)
 
 
 def _check_count(name: str, value) -> None:
@@ -326,7 +347,8 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row])
     depths = torch.tensor([t.depths + [0] * len(p) for t, p in zip(trees, pad)], device=device)
     parents = torch.tensor([t.parents + p for t, p in zip(trees, pad)], device=device)
     chains = all(t.parents == list(range(-1, width - 1)) for t in trees)
-    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains)
+    sampling = batch_sampling([row.sampling for row in rows], device)
+    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains, sampling)
     host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
     raise_on_nan([row.index for row, h in zip(rows, host) if h[0]])
     paths = [h[2 + width:2 + width + h[1]] for h in host]
