@@ -488,19 +488,25 @@ def sampling_mask(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     t = torch.where(sampling.temperature > 0, sampling.temperature, 1.0).view(B, 1, 1)
     scaled = logits.double() / t
     remove = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    k = sampling.top_k.clamp(min=0)
-    if bool(((k > 0) & (k < V)).any()):
-        k = torch.where((k > 0) & (k < V), k, V).view(B, 1, 1).expand(B, n, 1)
-        kth = scaled.sort(-1, descending=True).values.gather(-1, k - 1)
+    k = torch.where((sampling.top_k > 0) & (sampling.top_k < V), sampling.top_k, V)
+    cut = bool((k < V).any())
+    nucleus = bool((sampling.top_p < 1).any())
+    if cut or nucleus:
+        # the candidates in descending order: the top max(k) when every row has a top_k, else the whole row
+        widest = int(k.max())
+        ordered = scaled.topk(widest, -1).values if widest < V else scaled.sort(-1, descending=True).values
+        kth = ordered.gather(-1, (k.clamp(max=widest) - 1).view(B, 1, 1).expand(B, n, 1))
         remove |= scaled < kth
-    if bool((sampling.top_p < 1).any()):
-        probs = scaled.masked_fill(remove, float("-inf")).softmax(-1)
-        ordered, _ = probs.sort(-1, descending=True)
-        before = ordered.cumsum(-1) - ordered  # the mass of the strictly more likely tokens
-        kept = (before < sampling.top_p.view(B, 1, 1)).sum(-1, keepdim=True).clamp(min=1)
-        remove |= probs < ordered.gather(-1, kept - 1)
+        if nucleus:
+            # softmax over the survivors of top_k, in the candidates' order: the mass of the strictly likelier
+            survivors = ordered.masked_fill(ordered < kth, float("-inf"))
+            probs = (survivors - survivors[..., :1]).exp()
+            probs = probs / probs.sum(-1, keepdim=True)
+            before = probs.cumsum(-1) - probs
+            kept = (before < sampling.top_p.view(B, 1, 1)).sum(-1, keepdim=True).clamp(min=1)
+            remove |= scaled < ordered.gather(-1, kept - 1)
     if bool((sampling.min_p > 0).any()):
-        floor = scaled.masked_fill(remove, float("-inf")).amax(-1, keepdim=True)
+        floor = scaled.amax(-1, keepdim=True)  # the largest logit always survives the masks above
         remove |= scaled < floor + torch.log(sampling.min_p).view(B, 1, 1)
     return remove
 
