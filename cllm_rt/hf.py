@@ -32,15 +32,18 @@ import copy
 import inspect
 import pathlib
 import sys
+from dataclasses import replace
 
 import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 from transformers.generation import (EosTokenCriteria, GenerateDecoderOnlyOutput, MaxLengthCriteria,
-                                     StopStringCriteria)
+                                     MinPLogitsWarper, StopStringCriteria, TemperatureLogitsWarper, TopKLogitsWarper,
+                                     TopPLogitsWarper)
 from transformers.generation.configuration_utils import GenerationMode
 
 from .runtime.decoding import Decoder
 from .runtime.inputs import check_model, unpad_prompts
+from .runtime.sampling import sampling_from_config
 
 __all__ = ["CUSTOM_GENERATE_DIR", "generate", "generate_from_directory"]
 
@@ -51,24 +54,30 @@ CUSTOM_GENERATE_DIR = str(pathlib.Path(__file__).with_name("hf_generate"))
 _TOKEN_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, StopStringCriteria)
 # What HF prepares for its own forward passes; the runtime makes its own (unpadded rows, a static cache).
 _PREPARED_INPUTS = {"attention_mask", "position_ids", "cache", "use_cache", "logits_to_keep"}
+# The warpers HF adds for do_sample=True; the runtime applies the same from the generation config.
+_SAMPLING_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 _OUTPUTS_NOT_PROVIDED = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 _HF_GENERATE = inspect.unwrap(GenerationMixin.generate).__code__
 
 
 def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None, generation_config=None,
-             *, block_size: int = 16, drafts="auto", max_tree_nodes: int = 64, corpus=None, seed: int = 0,
+             *, block_size: int = 16, drafts="auto", max_tree_nodes: int = 64, corpus=None, seed: int | None = None,
              **model_kwargs):
     """The decoding loop of ``model.generate`` for ``custom_generate=cllm_rt.hf.generate``: HF greedy's output
     (a tensor, or ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``), many tokens per forward.
 
-    ``block_size``, ``drafts``, ``max_tree_nodes``, ``corpus``, ``seed``: as in :func:`cllm_rt.generate`.
+    ``block_size``, ``drafts``, ``max_tree_nodes``, ``corpus``, ``seed``: as in :func:`cllm_rt.generate`. With
+    ``do_sample=True`` the tokens are :func:`cllm_rt.generate`'s seeded samples (temperature, top_k, top_p, min_p
+    from the generation config; row b uses ``seed + b``), not HF's multinomial draws: the same distribution,
+    another sequence. Pass ``seed`` to reproduce an answer (without one, a random seed is drawn).
     """
     if generation_config is None or stopping_criteria is None:
         raise TypeError("cllm_rt.hf.generate is a decoding loop for transformers: call "
                         "model.generate(..., custom_generate=cllm_rt.hf.generate)")
     streamer = _hf_streamer(sys._getframe(1))
     check_model(model)
-    _check_greedy(generation_config, logits_processor)
+    _check_decoding_mode(generation_config, logits_processor)
+    sampling = sampling_from_config(generation_config, seed=seed)
     attention_mask = _check_model_inputs(model_kwargs)
     tokens, lengths = unpad_prompts(input_ids, attention_mask)
     if streamer is not None and input_ids.shape[0] != 1:
@@ -78,8 +87,9 @@ def generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_cri
 
     with torch.inference_mode(), Decoder(model, block_size=block_size, drafts=drafts, max_tree_nodes=max_tree_nodes,
                                          corpus=corpus, eos=rows.eos if rows.pad_after_stop else (),
-                                         seed=seed) as decoder:
-        decoder.add(prompts, [rows.budget] * len(prompts), list(range(len(prompts))))
+                                         seed=0 if sampling is None else sampling.seed) as decoder:
+        decoder.add(prompts, [rows.budget] * len(prompts), list(range(len(prompts))),
+                    [None if sampling is None else replace(sampling, seed=sampling.seed + b) for b in range(len(prompts))])
         while decoder.rows:
             for handle, new, _ in decoder.emit():
                 streamed = rows.take(handle, new)
@@ -173,14 +183,15 @@ def _hf_streamer(caller):
     return caller.f_locals.get("streamer") if caller.f_code is _HF_GENERATE else None
 
 
-def _check_greedy(config, logits_processor) -> None:
+def _check_decoding_mode(config, logits_processor) -> None:
     mode = config.get_generation_mode()
-    # prompt lookup on a greedy config is assisted *greedy* decoding: the same tokens, which the runtime makes
-    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.ASSISTED_GENERATION) or config.do_sample:
-        raise NotImplementedError(f"cllm_rt.hf.generate decodes greedily; this call asks for {mode.value} "
-                                  f"(do_sample={config.do_sample}, num_beams={config.num_beams})")
-    if logits_processor:
-        names = ", ".join(type(p).__name__ for p in logits_processor)
+    # prompt lookup is assisted greedy or sampling decoding: the tokens of either, which the runtime makes
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION):
+        raise NotImplementedError(f"cllm_rt.hf.generate decodes greedily or samples; this call asks for "
+                                  f"{mode.value} (do_sample={config.do_sample}, num_beams={config.num_beams})")
+    others = [p for p in logits_processor or () if not (config.do_sample and type(p) in _SAMPLING_WARPERS)]
+    if others:
+        names = ", ".join(type(p).__name__ for p in others)
         raise NotImplementedError(f"cllm_rt.hf.generate decodes the plain argmax; these logits processors would "
                                   f"change it: {names}")
     wanted = [name for name in _OUTPUTS_NOT_PROVIDED if getattr(config, name, False)]

@@ -15,6 +15,7 @@ with the same messages on the reference path.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -434,6 +435,139 @@ def greedy_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return jacobi_verify(F.linear(hidden, weight, bias), block)
 
 
+# ---------------------------------------------------------------- seeded sampling
+
+class Sampling(NamedTuple):
+    """Per-row sampling parameters of a batch, as tensors on the logits' device.
+
+    seeds [B] int64; temperature [B] float64 (0: greedy); top_k [B] int64 (0: off); top_p [B] float64
+    (1: off); min_p [B] float64 (0: off). The masks apply in this order, as transformers' warpers do,
+    each to the distribution the previous ones left.
+    """
+    seeds: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+
+def seed_as_int64(value: int) -> int:
+    """A Python integer as the int64 holding its low 64 bits (the kernels read seeds as uint64)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1, _MIX2, _GOLDEN = (seed_as_int64(c) for c in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15))
+
+
+def _shift_right(z, k):
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z):
+    """csrc/gumbel_noise.h's mix64 in int64 torch ops: products wrap as uint64 products do."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def gumbel_uniform_reference(seeds, positions, vocab):
+    """The uniforms in (0, 1) behind the noise, [B, n, vocab] float64, bit for bit those of the kernels."""
+    stream = _mix64(_mix64(seeds)[:, None] + positions * _GOLDEN)  # [B, n]
+    counter = (torch.arange(vocab, device=positions.device) + 1) * _GOLDEN
+    bits = _shift_right(_mix64(stream[:, :, None] + counter), 11)
+    return (bits.double() + 0.5) * 2.0 ** -53
+
+
+def gumbel_argmax_reference(logits, seeds, positions, temperature):
+    noise = -torch.log(-torch.log(gumbel_uniform_reference(seeds, positions, logits.shape[2])))
+    t = temperature.view(-1, 1, 1)
+    z = logits.double()
+    sampled = torch.where(z == float("-inf"), z, z / t.clamp(min=1e-300) + noise).argmax(-1)
+    return torch.where(temperature[:, None] == 0, logits.argmax(-1), sampled)
+
+
+def _check_gumbel_argmax(logits, seeds, positions, temperature):
+    _check_tensor("logits", logits, 3, _FLOAT_DTYPES)
+    if logits.shape[1] == 0 or not 0 < logits.shape[2] < _INT32_MAX:
+        raise ValueError(f"logits must have n >= 1 and 1 <= V < 2**31 - 1, got shape {tuple(logits.shape)}")
+    _check_tensor("seeds", seeds, 1, (torch.int64,))
+    _check_same_device("seeds", seeds, "logits", logits)
+    _check_index_matrix("positions", positions, logits.shape[:2], "logits", logits)
+    _check_tensor("temperature", temperature, 1, (torch.float64,))
+    _check_same_device("temperature", temperature, "logits", logits)
+    for name, x in (("seeds", seeds), ("temperature", temperature)):
+        if x.shape[0] != logits.shape[0]:
+            raise ValueError(f"{name} must have shape [B={logits.shape[0]}], got {tuple(x.shape)}")
+
+
+def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                  temperature: torch.Tensor) -> torch.Tensor:
+    """Sampled tokens [B, n] int64: argmax_v(logits[b, i, v] / temperature[b] + g), g standard Gumbel noise
+    that is a pure function of (seeds[b], positions[b, i], v) (csrc/gumbel_noise.h), so a token sampled from
+    softmax(logits / T) is as reproducible, and as verifiable by any decoding path, as a greedy one.
+
+    seeds [B] int64, positions [B, n] int64 (the absolute position of the token each logits row predicts),
+    temperature [B] float64 >= 0: a row with 0 is logits.argmax(-1) exactly. -inf logits are masked out.
+    """
+    _check_gumbel_argmax(logits, seeds, positions, temperature)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if _native_kernel_for(logits.device):
+        return torch.ops.cllm_rt.gumbel_argmax(logits, seeds, positions, temperature)
+    return gumbel_argmax_reference(logits, seeds, positions, temperature)
+
+
+def sampling_mask(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """[B, n, V] bool: the tokens top_k, top_p and min_p remove from each row's softmax(logits / T).
+
+    Ties with the last kept value are kept, and the largest logit never goes, so a greedy row (T = 0) keeps
+    its argmax whatever its masks say.
+    """
+    B, n, V = logits.shape
+    t = torch.where(sampling.temperature > 0, sampling.temperature, 1.0).view(B, 1, 1)
+    scaled = logits.double() / t
+    remove = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    k = torch.where((sampling.top_k > 0) & (sampling.top_k < V), sampling.top_k, V)
+    cut = bool((k < V).any())
+    nucleus = bool((sampling.top_p < 1).any())
+    if cut or nucleus:
+        # the candidates in descending order: the top max(k) when every row has a top_k, else the whole row
+        widest = int(k.max())
+        ordered = scaled.topk(widest, -1).values if widest < V else scaled.sort(-1, descending=True).values
+        kth = ordered.gather(-1, (k.clamp(max=widest) - 1).view(B, 1, 1).expand(B, n, 1))
+        remove |= scaled < kth
+        if nucleus:
+            # softmax over the survivors of top_k, in the candidates' order: the mass of the strictly likelier
+            survivors = ordered.masked_fill(ordered < kth, float("-inf"))
+            probs = (survivors - survivors[..., :1]).exp()
+            probs = probs / probs.sum(-1, keepdim=True)
+            before = probs.cumsum(-1) - probs
+            kept = (before < sampling.top_p.view(B, 1, 1)).sum(-1, keepdim=True).clamp(min=1)
+            remove |= scaled < ordered.gather(-1, kept - 1)
+    if bool((sampling.min_p > 0).any()):
+        floor = scaled.amax(-1, keepdim=True)  # the largest logit always survives the masks above
+        remove |= scaled < floor + torch.log(sampling.min_p).view(B, 1, 1)
+    return remove
+
+
+def sample_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: torch.Tensor,
+                  sampling: Sampling | None, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """greedy_verify with sampled tokens: the tokens [B, n] gumbel_argmax draws from the masked LM-head
+    logits (positions [B, n]: the absolute position each node predicts), and the accepted lengths [B] of
+    ``block`` under the unchanged accept rule. Without sampling, or with every temperature 0, it is
+    greedy_verify itself.
+    """
+    if sampling is None or not bool((sampling.temperature > 0).any()):
+        return greedy_verify(hidden, weight, bias, block)
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.masked_fill(sampling_mask(logits, sampling), float("-inf"))
+    tokens = gumbel_argmax(logits, sampling.seeds, positions, sampling.temperature)
+    _check_index_matrix("block", block, tokens.shape, "hidden", hidden)
+    return tokens, accepted_length(block, tokens)
+
+
 if _C is not None:
     @torch.library.register_fake("cllm_rt::jacobi_verify")
     def _(logits, block):
@@ -460,3 +594,11 @@ if _C is not None:
     @torch.library.register_fake("cllm_rt::linear")
     def _(input, weights, biases):
         return [input.new_empty((*input.shape[:-1], w.shape[0])) for w in weights]
+
+    @torch.library.register_fake("cllm_rt::gumbel_argmax")
+    def _(logits, seeds, positions, temperature):
+        return positions.new_empty(positions.shape)
+
+    @torch.library.register_fake("cllm_rt::gumbel_uniform")
+    def _(seeds, positions, vocab):
+        return positions.new_empty((*positions.shape, vocab), dtype=torch.float64)

@@ -49,6 +49,35 @@ inline void check_jacobi_verify(const at::Tensor& logits, const at::Tensor& bloc
   check_index_matrix("jacobi_verify", "block", block, logits.size(0), logits.size(1), logits);
 }
 
+// gumbel_argmax's seeds [B] and positions [B, n] (int64, on like's device): one noise
+// stream per (row, position).
+inline void check_gumbel_streams(const char* op, const at::Tensor& seeds, const at::Tensor& positions) {
+  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, op, ": seeds must be int64, got ",
+                   seeds.scalar_type());
+  TORCH_CHECK_VALUE(seeds.dim() == 1, op, ": seeds must be [B], got ", seeds.sizes());
+  check_index_matrix(op, "positions", positions, seeds.size(0),
+                     positions.dim() == 2 ? positions.size(1) : -1, seeds);
+}
+
+inline void check_gumbel_argmax(const at::Tensor& logits, const at::Tensor& seeds,
+                                const at::Tensor& positions, const at::Tensor& temperature) {
+  check_float("gumbel_argmax", "logits", logits);
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(1) > 0 && logits.size(2) > 0,
+                    "gumbel_argmax: logits must be [B, n >= 1, V >= 1], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(2) < INT32_MAX, "gumbel_argmax: vocabulary too large");
+  TORCH_CHECK_VALUE(logits.stride(2) == 1, "gumbel_argmax: logits must have a contiguous last dim");
+  check_same_device("gumbel_argmax", "seeds", seeds, logits);
+  check_gumbel_streams("gumbel_argmax", seeds, positions);
+  TORCH_CHECK_VALUE(seeds.size(0) == logits.size(0) && positions.size(1) == logits.size(1),
+                    "gumbel_argmax: seeds/positions must be [B] / [B, n] for logits ", logits.sizes());
+  TORCH_CHECK_TYPE(temperature.scalar_type() == at::kDouble,
+                   "gumbel_argmax: temperature must be float64, got ", temperature.scalar_type());
+  TORCH_CHECK_VALUE(temperature.dim() == 1 && temperature.size(0) == logits.size(0),
+                    "gumbel_argmax: temperature must be [B = ", logits.size(0), "], got ",
+                    temperature.sizes());
+  check_same_device("gumbel_argmax", "temperature", temperature, logits);
+}
+
 // block_attention and tree_attention: q [B, Hq, n, D], k/v caches [B, Hkv, S_max, D],
 // cache_lens [B]. The values of cache_lens are checked by check_cache_lens_values.
 inline void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,

@@ -28,6 +28,11 @@ TORCH_LIBRARY(cllm_rt, m) {
   // [N_i, K] read once for all rows; a row's values do not depend on the other rows.
   m.def("linear(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
   m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
+  // Sampled tokens argmax(logits / T + Gumbel noise) [B, n] (gumbel_noise.h), seeds [B],
+  // positions [B, n] of the predicted tokens, temperature [B] float64 (0: argmax).
+  m.def("gumbel_argmax(Tensor logits, Tensor seeds, Tensor positions, Tensor temperature) -> Tensor");
+  // The noise's uniforms [B, n, vocab] float64, for tests of the generator.
+  m.def("gumbel_uniform(Tensor seeds, Tensor positions, int vocab) -> Tensor");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

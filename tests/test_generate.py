@@ -112,10 +112,10 @@ def test_greedy_generation_config_decodes_the_plain_argmax():
     assert model.generation_config.repetition_penalty == 1.3  # the model's own config is untouched
 
 
-def test_sampling_config_warns_that_decoding_is_greedy():
+def test_beam_search_config_warns_that_decoding_is_greedy():
     model = tiny_model("llama")
     ids, mask, expected = _hf_reference("llama", "single")
-    model.generation_config.do_sample = True
+    model.generation_config.num_beams = 2  # (do_sample in the config samples: tests/test_sampling.py)
     with pytest.warns(UserWarning, match="decodes greedily"):
         out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=8)
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)

@@ -5,6 +5,7 @@ import torch
 from transformers import GenerationConfig, MaxLengthCriteria, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.generation import GenerateDecoderOnlyOutput
 
+import cllm_rt
 import cllm_rt.hf as hf
 from tiny_models import random_prompts, tiny_model
 from training_fixtures import EOS, PAD, byte_tokenizer, tiny_lm
@@ -134,9 +135,9 @@ def test_a_stop_inside_an_accepted_path_cuts_at_that_token(byte_lm):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(do_sample=True), "decodes greedily"),
     (dict(num_beams=2), "decodes greedily"),
     (dict(repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
+    (dict(do_sample=True, repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
     (dict(max_time=5.0), "not MaxTimeCriteria"),
     (dict(return_dict_in_generate=True, output_scores=True), "cannot provide output_scores"),
     (dict(stopping_criteria=StoppingCriteriaList([type("Custom", (StoppingCriteria,), {})()])), "not Custom"),
@@ -147,6 +148,18 @@ def test_what_it_cannot_do_exactly_is_refused(settings, message):
     ids, mask = random_prompts(2, [4, 3])
     with pytest.raises((NotImplementedError, ValueError), match=message):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=hf.generate, **settings)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_sampling_gives_cllm_rt_generates_seeded_tokens(form):
+    model = tiny_model("llama")
+    ids, mask = random_prompts(2, [4, 7])
+    settings = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+    ours = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, seed=3, **settings)
+    through_hf = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, seed=3, **settings, **FORMS[form])
+    assert torch.equal(through_hf, ours.sequences)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    assert not torch.equal(through_hf, greedy)
 
 
 def test_misuse_gets_one_line_errors():

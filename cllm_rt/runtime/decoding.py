@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +34,7 @@ from .cache import JacobiCache
 from .cost import StepCost, choose_budget
 from .drafts import SOURCES, AcceptanceStats, Corpus, DraftTree, NgramIndex
 from .inputs import NOT_GIVEN, check_model, check_positions, nan_error, resolve_special_tokens, unpad_prompts
+from .sampling import SamplingParams, batch_sampling, sampling_from_config
 from .step import PromptGuesses, prefill, tree_step
 
 DRAFT_DEPTH = 16  # longest suffix-draft continuation
@@ -63,6 +64,7 @@ class GenerationStats:
 class GenerationOutput:
     sequences: torch.LongTensor  # [B, prompt + new]: the inputs as given, then new tokens (pad after a row ends)
     stats: GenerationStats
+    seed: int | None = None  # the sampling seed (row b used seed + b): given or drawn; None when greedy
 
 
 @dataclass
@@ -78,6 +80,7 @@ class _Row:
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
     steps: int = 0  # decode forwards this row took part in
+    sampling: SamplingParams | None = None  # None: greedy
 
     @property
     def depth_left(self) -> int:
@@ -172,8 +175,10 @@ class Decoder:
         self._attention.__exit__(*exc)
         self._attention = None
 
-    def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int]) -> None:
+    def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int],
+            sampling: list[SamplingParams | None] | None = None) -> None:
         """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit.
+        ``sampling``: per prompt, its seeded sampling (None: greedy; default: every row greedy).
 
         Each row is judged on its own: its ids, its budget, and its own prompt plus its own
         ``max_new_tokens`` against the model's positions. A row that fails a check, gives NaN, or fails its
@@ -181,14 +186,15 @@ class Decoder:
         a row that fails alone is refused); the others join, then :class:`RowsFailed` names the refused ones.
         """
         self._check_entered()
+        sampling = [None] * len(prompts) if sampling is None else list(sampling)
         errors = {}
         for p, budget, handle in zip(prompts, max_new_tokens, handles, strict=True):
             try:
                 self._check_row(p, budget)
             except (ValueError, NotImplementedError) as error:
                 errors[handle] = error
-        joining = [(p, budget, handle) for p, budget, handle in zip(prompts, max_new_tokens, handles)
-                   if handle not in errors]
+        joining = [(p, budget, handle, params) for p, budget, handle, params
+                   in zip(prompts, max_new_tokens, handles, sampling, strict=True) if handle not in errors]
         if joining:
             errors.update(self._prefill(joining))
         if errors:
@@ -203,18 +209,20 @@ class Decoder:
                              f"[{min(prompt)}, {max(prompt)}]")
         check_positions(self.model, len(prompt), max_new_tokens)
 
-    def _prefill(self, joining: list[tuple[list[int], int, int]]) -> dict[int, Exception]:
-        """Prefill ``(prompt, budget, handle)`` rows in one forward and join them; return the failed ones."""
-        prompts = [p for p, _, _ in joining]
+    def _prefill(self, joining: list[tuple[list[int], int, int, SamplingParams | None]]) -> dict[int, Exception]:
+        """Prefill ``(prompt, budget, handle, sampling)`` rows in one forward and join them; return the failed
+        ones."""
+        prompts = [p for p, _, _, _ in joining]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
         for row, p in enumerate(prompts):
             tokens[row, :len(p)] = torch.tensor(p, device=self.device)
         cache = JacobiCache(self.model.config.num_hidden_layers, torch.zeros_like(lengths),
-                            max_len=tokens.shape[1] + max(budget for _, budget, _ in joining) + self.widest)
+                            max_len=tokens.shape[1] + max(budget for _, budget, _, _ in joining) + self.widest)
         start = time.perf_counter()
         try:
-            first, nan = prefill(self.model, cache, tokens, lengths)
+            first, nan = prefill(self.model, cache, tokens, lengths,
+                                 batch_sampling([params for _, _, _, params in joining], self.device))
         except Exception as error:  # noqa: BLE001  charged to the row that fails alone, never to the group
             if len(joining) == 1:
                 return {joining[0][2]: error}
@@ -230,8 +238,9 @@ class Decoder:
         self.cache = cache if self.cache is None else self.cache.extend(cache)
         first = first.tolist()
         for i in good:
-            p, budget, handle = joining[i]
-            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[first[i]])
+            p, budget, handle, params = joining[i]
+            row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[first[i]],
+                       sampling=params)
             row.history.extend(p)
             self.rows.append(row)
         return errors
@@ -281,7 +290,7 @@ class Decoder:
                                    explore=stats.forward_passes % EXPLORE_EVERY == EXPLORE_EVERY - 1)
             trees = [t.best(budget) for t in trees]
         try:
-            greedy, paths, nan = _verify(self.model, self.cache, trees)
+            greedy, paths, nan = _verify(self.model, self.cache, trees, self.rows)
         except Exception as error:  # noqa: BLE001  nothing was committed: shed one row, the rest retry
             longest = max(range(len(self.rows)), key=lambda i: self.cache.lengths_host[i])
             handle = self.rows[longest].index
@@ -329,7 +338,8 @@ class Decoder:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
              block_size: int = 16, drafts="auto", max_tree_nodes: int = 64, corpus: Corpus | None = None,
              eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN, generation_config=None, streamer=None,
-             seed: int = 0) -> GenerationOutput:
+             seed: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None) -> GenerationOutput:
     """Greedy generation, many tokens per forward; ``sequences`` equals ``model.generate(..., do_sample=False)``.
 
     ``drafts``: ``"auto"`` (every source in :data:`cllm_rt.runtime.drafts.SOURCES`, budget chosen per step),
@@ -340,10 +350,21 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``model.generate``; each row finishes on its own (EOS or ``max_new_tokens``) and leaves the batch.
     ``eos_token_id``/``pad_token_id`` not given fall back on ``generation_config`` (default: the model's);
     given as ``None`` they are off, as in ``model.generate``.
+
+    ``do_sample=True`` (or the generation config's ``do_sample``) samples with ``temperature``, ``top_k``,
+    ``top_p``, ``min_p`` (not given: the generation config's, then transformers' defaults) by seeded
+    Gumbel-max (:mod:`cllm_rt.runtime.sampling`): row b uses ``seed + b``, and ``seed=None`` draws a seed,
+    returned as ``output.seed``. The tokens equal one-token-at-a-time sampling with the same seed on every
+    decoding path and in any batch; ``model.generate(do_sample=True)`` draws other random numbers (same
+    distribution, another sequence). ``seed`` also seeds the Jacobi guesses, which never change the output.
     """
     _check_count("max_new_tokens", max_new_tokens)
     check_model(model)
-    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config)
+    config = model.generation_config if generation_config is None else generation_config
+    params = sampling_from_config(config, do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  min_p=min_p, seed=seed)
+    eos, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id, generation_config,
+                                               sampling_decided=True)
     tokens, lengths = unpad_prompts(input_ids, attention_mask)
     if streamer is not None and tokens.shape[0] != 1:
         raise ValueError("streaming supports batch size 1 (as transformers' streamers do)")
@@ -352,9 +373,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     start = time.perf_counter()
     outputs: list[list[int]] = [[] for _ in prompts]
     with Decoder(model, block_size=block_size, drafts=drafts, max_tree_nodes=max_tree_nodes, corpus=corpus,
-                 eos=eos, seed=seed) as decoder:
+                 eos=eos, seed=0 if params is None else params.seed) as decoder:
+        rows = [None if params is None else replace(params, seed=params.seed + b) for b in range(len(prompts))]
         try:  # one row's fault is the whole call's: the first failed row's own error is raised
-            decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))))  # checks the ids first
+            decoder.add(prompts, [max_new_tokens] * len(prompts), list(range(len(prompts))), rows)  # ids first
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             while decoder.rows:
@@ -370,7 +392,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     stats = decoder.stats
     stats.new_tokens = [len(out) for out in outputs]
     stats.wall_seconds = time.perf_counter() - start
-    return GenerationOutput(_assemble(input_ids.to(decoder.device), outputs, pad_token_id), stats)
+    return GenerationOutput(_assemble(input_ids.to(decoder.device), outputs, pad_token_id), stats,
+                            None if params is None else params.seed)
 
 
 def _check_count(name: str, value) -> None:
@@ -391,7 +414,7 @@ def _check_drafts(drafts) -> tuple[str, ...]:
     return tuple(s for s in SOURCES if s in names)
 
 
-def _verify(model, cache: JacobiCache, trees: list[DraftTree]):
+def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row]):
     """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths and NaN flags
     (host), a row flagged NaN holding garbage."""
     width = max(map(len, trees))
@@ -402,7 +425,8 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree]):
     depths = torch.tensor([t.depths + [0] * len(p) for t, p in zip(trees, pad)], device=device)
     parents = torch.tensor([t.parents + p for t, p in zip(trees, pad)], device=device)
     chains = all(t.parents == list(range(-1, width - 1)) for t in trees)
-    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains)
+    sampling = batch_sampling([row.sampling for row in rows], device)
+    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains, sampling)
     host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)

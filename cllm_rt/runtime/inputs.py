@@ -79,9 +79,10 @@ def greedy_generation_config(config):
 
 
 def resolve_special_tokens(model, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN,
-                           generation_config=None) -> tuple[list[int], int | None]:
+                           generation_config=None, sampling_decided: bool = False) -> tuple[list[int], int | None]:
     """EOS ids and pad id as ``model.generate`` resolves them: given values win (``None`` meaning "none"),
-    absent ones come from ``generation_config`` (default: the model's)."""
+    absent ones come from ``generation_config`` (default: the model's). ``sampling_decided``: the caller has
+    resolved do_sample itself (it can sample), so only beams are warned about."""
     config = model.generation_config if generation_config is None else generation_config
     for name, neutral in _LOGITS_PROCESSOR_FIELDS.items():
         value = getattr(config, name, neutral)
@@ -90,7 +91,7 @@ def resolve_special_tokens(model, eos_token_id=NOT_GIVEN, pad_token_id=NOT_GIVEN
                                       "decodes the plain argmax (pass generation_config="
                                       "greedy_generation_config(model.generation_config), or "
                                       "--ignore-generation-config on the command line)")
-    if getattr(config, "do_sample", False) or getattr(config, "num_beams", 1) not in (None, 1):
+    if (getattr(config, "do_sample", False) and not sampling_decided) or getattr(config, "num_beams", 1) not in (None, 1):
         warnings.warn(f"the generation config asks for do_sample={config.do_sample}, num_beams={config.num_beams}; "
                       "cllm_rt decodes greedily, as model.generate(do_sample=False, num_beams=1) would",
                       UserWarning, stacklevel=3)

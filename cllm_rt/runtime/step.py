@@ -17,9 +17,11 @@ from .. import ops
 from .attention import CACHE_LENGTHS_KWARG, TREE_PARENTS_KWARG
 from .cache import JacobiCache
 
-def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Write the prompts into the cache; return each row's first greedy token ``[B]`` and the rows whose last
-    hidden state is NaN (their token is meaningless: the caller fails them).
+def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor,
+            sampling: ops.Sampling | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Write the prompts into the cache; return each row's first token ``[B]`` (greedy, or sampled per
+    ``sampling``) and the rows whose last hidden state is NaN (their token is meaningless: the caller fails
+    them).
 
     ``tokens`` [B, L] holds each prompt from column 0 with junk after ``lengths[b]``: causal attention keeps
     the junk out of every real position, and the cache rows are cut back to ``lengths`` afterwards.
@@ -29,7 +31,8 @@ def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tens
     last = hidden[rows, lengths - 1, None]  # [B, 1, d]
     nan = last.isnan().flatten(1).any(1).nonzero().flatten().tolist()
     cache.commit(lengths, lengths.tolist())
-    greedy, _ = greedy_verify(model, last, tokens[rows, lengths - 1, None])  # a 1-token "block": the last token
+    # a 1-token "block": the last token, predicting position lengths[b]
+    greedy, _ = greedy_verify(model, last, tokens[rows, lengths - 1, None], sampling, lengths[:, None])
     return greedy[:, 0], nan
 
 
@@ -50,10 +53,15 @@ def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.
     return out.last_hidden_state
 
 
-def greedy_verify(model, hidden: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens ``[B, n]`` of the LM head over ``hidden`` [B, n, d] and accepted lengths ``[B]`` of ``block``."""
+def greedy_verify(model, hidden: torch.Tensor, block: torch.Tensor, sampling: ops.Sampling | None = None,
+                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens ``[B, n]`` of the LM head over ``hidden`` [B, n, d] and accepted lengths ``[B]`` of ``block``;
+    with ``sampling``, the seeded sampled tokens instead (``positions`` [B, n]: the position each node predicts),
+    verified by the same rule (:func:`cllm_rt.ops.sample_verify`)."""
     head = model.get_output_embeddings()
-    return ops.greedy_verify(hidden, head.weight, head.bias, block)
+    if sampling is None:
+        return ops.greedy_verify(hidden, head.weight, head.bias, block)
+    return ops.sample_verify(hidden, head.weight, head.bias, block, sampling, positions)
 
 
 def jacobi_step(model, cache: JacobiCache, block: torch.Tensor):
@@ -68,12 +76,14 @@ def jacobi_step(model, cache: JacobiCache, block: torch.Tensor):
 
 
 def tree_step(model, cache: JacobiCache, tokens: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor,
-              chains: bool):
+              chains: bool, sampling: ops.Sampling | None = None):
     """Forward token trees ``tokens`` [B, n] (``chains``: every row's tree is the chain 0-1-2-…, the plain
     block); return ``(greedy [B, n], accepted [B], path [B, n], nan [B])`` as :func:`cllm_rt.ops.tree_verify`
-    defines them, leaving the cache uncommitted."""
+    defines them, leaving the cache uncommitted. With ``sampling`` the "greedy" tokens are the seeded sampled
+    ones: node i predicts the token at position ``length + depths[i] + 1``, whatever tree it sits in."""
+    positions = cache.lengths[:, None] + depths + 1
     hidden = forward_block(model, cache, tokens, depths, None if chains else parents)
-    greedy, accepted = greedy_verify(model, hidden, tokens)
+    greedy, accepted = greedy_verify(model, hidden, tokens, sampling, positions)
     if chains:
         path = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         path = path.masked_fill(path >= accepted[:, None], -1)

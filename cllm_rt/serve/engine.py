@@ -248,7 +248,8 @@ class Engine:
             self.metrics.accepted.inc(tokens - seen_tokens)
             self._row_steps += steps - seen_steps
             self._accepted += tokens - seen_tokens
-            self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
+            if self._row_steps:  # zero while every row that stepped so far has failed
+                self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
             seen_steps, seen_tokens = steps, tokens
 
     def _join(self, decoder: Decoder, joining: list[Generation]) -> None:

@@ -72,4 +72,11 @@ cudaError_t lm_head_argmax(const void* hidden, const void* weight, DType dtype, 
                            int64_t d, int64_t V, void* workspace, int64_t* out,
                            cudaStream_t stream);
 
+// tokens[b*n + i] = argmax_v logits[...v] / temperature[b] + gumbel_noise(stream of
+// (seeds[b], positions[b*n + i]), v) (gumbel_noise.h); temperature 0: the plain argmax.
+// seeds [B], positions [B, n], temperature [B] and tokens [B, n] contiguous.
+cudaError_t gumbel_argmax(const void* logits, DType dtype, int64_t B, int64_t n, int64_t V,
+                          int64_t sb, int64_t si, const int64_t* seeds, const int64_t* positions,
+                          const double* temperature, int64_t* tokens, cudaStream_t stream);
+
 }  // namespace cllm_rt::cuda

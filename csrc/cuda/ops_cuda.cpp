@@ -134,12 +134,32 @@ at::Tensor lm_head_argmax_cuda(const at::Tensor& hidden_in, const at::Tensor& we
   return out;
 }
 
+at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, const at::Tensor& seeds_in,
+                              const at::Tensor& positions_in, const at::Tensor& temperature_in) {
+  check_gumbel_argmax(logits, seeds_in, positions_in, temperature_in);
+  check_cuda(logits, "gumbel_argmax");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor seeds = seeds_in.contiguous(), positions = positions_in.contiguous(),
+                   temperature = temperature_in.contiguous();
+  const int64_t B = logits.size(0), n = logits.size(1);
+  at::Tensor tokens = at::empty({B, n}, positions.options());
+  check_launch(cuda::gumbel_argmax(logits.const_data_ptr(), kernel_dtype(logits.scalar_type()), B,
+                                   n, logits.size(2), logits.stride(0), logits.stride(1),
+                                   seeds.const_data_ptr<int64_t>(),
+                                   positions.const_data_ptr<int64_t>(),
+                                   temperature.const_data_ptr<double>(), tokens.data_ptr<int64_t>(),
+                                   c10::cuda::getCurrentCUDAStream()),
+               "gumbel_argmax");
+  return tokens;
+}
+
 TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("jacobi_verify", &jacobi_verify_cuda);
   m.impl("block_attention", &block_attention_cuda);
   m.impl("tree_attention", &tree_attention_cuda);
   m.impl("tree_verify", &tree_verify_cuda);
   m.impl("lm_head_argmax", &lm_head_argmax_cuda);
+  m.impl("gumbel_argmax", &gumbel_argmax_cuda);
 }
 
 }  // namespace cllm_rt
