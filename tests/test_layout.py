@@ -20,6 +20,8 @@ FORBIDDEN = {
     "hf": {"training", "demo", "cli", "serve", "hf_generate"},
     "hf_generate": {"runtime", "models", "training", "demo", "cli", "serve"},
     "serve": {"training", "demo", "cli", "hf", "hf_generate"},
+    # the vLLM proposer: draft sources and the cost model only (vLLM's worker loads it; it imports no torch)
+    "vllm": {"ops", "training", "demo", "cli", "hf", "hf_generate", "serve", "models"},
 }
 
 

@@ -207,6 +207,16 @@ class DraftTree:
             stack.extend((child, mapped) for child in reversed(kids))  # popped best first
         return flat
 
+    def best_chain(self, length: int) -> "DraftTree":
+        """The likeliest path below the root (the best-scored child each time), ``length`` nodes at most, as a
+        tree of its own: what a verifier that takes one chain per row (vLLM's proposers) is given."""
+        chain, node = DraftTree.rooted_at(self.tokens[0]), 0
+        while self.children[node] and len(chain) <= length:
+            node = max(self.children[node].values(), key=lambda c: (self.scores[c], -c))
+            chain._append(self.tokens[node], len(chain) - 1, self.scores[node], self.shares[node],
+                          self.sources[node], self.matched[node])
+        return chain
+
     def expected_tokens(self) -> float:
         """Expected tokens made final by verifying this tree: the root's successor, plus each accepted node."""
         return 1.0 + sum(self.scores[1:])
