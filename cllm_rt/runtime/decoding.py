@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
+from ..draft_head import attached
 from .attention import jacobi_attention
 from .cache import JacobiCache
 from .cost import StepCost, choose_budget
@@ -78,6 +79,7 @@ class _Row:
     output: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
+    head: list[int] = field(default_factory=list)  # the draft head's guesses past the next root
     steps: int = 0  # decode forwards this row took part in
 
     @property
@@ -109,6 +111,8 @@ class _Row:
             # a caller's corpus may hold ids this model has no embedding for: cut a draft before them
             found = [c[:next((i for i, t in enumerate(c) if not 0 <= t < vocab), len(c))] for c in found]
             tree.add_trie([c for c in found if c], stats.calibration, "corpus", matched)
+        if "head" in sources and depth > 0 and self.head:
+            tree.add_trie([self.head[:depth]], stats.calibration, "head")
         return tree
 
 
@@ -128,6 +132,12 @@ class Decoder:
                  corpus: Corpus | None = None, eos=(), seed: int = 0):
         self.sources = _check_drafts(drafts)
         self.plain = drafts is None
+        self.head = None if self.plain or "head" not in self.sources else attached(model)
+        if self.head is None and "head" in self.sources:
+            if drafts != "auto":
+                raise ValueError("drafts names 'head' but the model has no draft head attached "
+                                 "(cllm_rt.models.load_model attaches one saved beside the model)")
+            self.sources = tuple(s for s in self.sources if s != "head")
         for name, value in (("block_size", block_size), ("max_tree_nodes", max_tree_nodes)):
             _check_count(name, value)
         if not self.plain and ops.MAX_TREE_NODES is not None and max_tree_nodes > ops.MAX_TREE_NODES:
@@ -220,10 +230,11 @@ class Decoder:
                                    self.max_tree_nodes,
                                    explore=stats.forward_passes % EXPLORE_EVERY == EXPLORE_EVERY - 1)
             trees = [t.best(budget) for t in trees]
-        greedy, paths = _verify(self.model, self.cache, trees, self.rows)
-        for row, tree, path, predicted in zip(self.rows, trees, paths, greedy):
+        greedy, paths, guesses = _verify(self.model, self.cache, trees, self.rows, self.head)
+        for row, tree, path, predicted, guessed in zip(self.rows, trees, paths, greedy, guesses):
             row.pending = [predicted[node] for node in path]
             row.jacobi = [predicted[node] for node in tree.first_child_chain(path[-1])]
+            row.head = guessed
             row.steps += 1
             if not self.plain:
                 self.acceptance.observe(tree, path)
@@ -316,8 +327,9 @@ def _check_drafts(drafts) -> tuple[str, ...]:
     return tuple(s for s in SOURCES if s in names)
 
 
-def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row]):
-    """Run the trees in one forward, commit each row's accepted path; return greedy tokens and paths (host)."""
+def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row], draft_head=None):
+    """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths and the
+    draft head's guesses past each row's next root (host; empty lists without a head)."""
     width = max(map(len, trees))
     device = cache.lengths.device
     # ragged rows: padding nodes are roots of their own (parent -1) whose outputs are ignored
@@ -326,12 +338,13 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row])
     depths = torch.tensor([t.depths + [0] * len(p) for t, p in zip(trees, pad)], device=device)
     parents = torch.tensor([t.parents + p for t, p in zip(trees, pad)], device=device)
     chains = all(t.parents == list(range(-1, width - 1)) for t in trees)
-    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains)
-    host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
+    greedy, accepted, path, nan, guesses = tree_step(model, cache, tokens, depths, parents, chains, draft_head)
+    parts = [nan[:, None], accepted[:, None], greedy, path] + ([] if guesses is None else [guesses])
+    host = torch.cat(parts, 1).tolist()  # the step's one host sync
     raise_on_nan([row.index for row, h in zip(rows, host) if h[0]])
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)
-    return [h[2:2 + width] for h in host], paths
+    return [h[2:2 + width] for h in host], paths, [h[2 + 2 * width:] for h in host]
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:

@@ -1,0 +1,93 @@
+"""Training a draft head (:mod:`cllm_rt.draft_head`) on the frozen target's own greedy tokens.
+
+The target never changes, so its hidden states are computed once, without gradients (one forward per
+sequence, teacher-forced over prompt + answer), and the head trains for many epochs on them in seconds.
+Labels: at answer position t (its hidden state predicts token t+1), head k's label is the target's greedy
+token at t+k, valid only where tokens t+1..t+k are the target's own greedy tokens too, so that every label
+is what greedy decoding would produce after that prefix (on the target's own answers every label is valid;
+on a dataset's reference answers only the stretches the target agrees with are). The loss reads logits
+over the labels' vocabulary only (the frozen LM head's rows for tokens that occur as labels): a few
+thousand rows instead of the whole vocabulary, the same argmax where it matters, far less CPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from ..draft_head import DraftHead
+
+IGNORE = -1
+
+
+@torch.inference_mode()
+def head_examples(model, sequences: list[tuple[list[int], int]], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N, d] (float32) and labels [N, depth] (``IGNORE`` where invalid) of every answer
+    position whose next token is the target's greedy one; ``sequences``: (tokens, index of the first answer
+    token)."""
+    lm_head = model.get_output_embeddings()
+    hidden_rows, label_rows = [], []
+    for tokens, start in sequences:
+        ids = torch.tensor([tokens], device=lm_head.weight.device)
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0]  # [L, d]
+        greedy = lm_head(hidden).argmax(-1)  # [L]: greedy[t] is the target's token t+1
+        agrees = torch.cat([ids[0, 1:] == greedy[:-1], torch.zeros(1, dtype=torch.bool, device=ids.device)])
+        positions = torch.arange(max(start - 1, 0), len(tokens) - 1, device=ids.device)
+        labels = torch.full((len(positions), depth), IGNORE, dtype=torch.long, device=ids.device)
+        valid = agrees[positions]
+        for k in range(1, depth + 1):
+            ahead = positions + k
+            inside = ahead < len(tokens)
+            valid = valid & inside & agrees[(ahead - 1).clamp(max=len(tokens) - 1)]
+            labels[:, k - 1] = torch.where(valid, greedy[ahead.clamp(max=len(tokens) - 1)], IGNORE)
+        keep = labels[:, 0] != IGNORE
+        hidden_rows.append(hidden[positions[keep]].float().cpu())
+        label_rows.append(labels[keep].cpu())
+    return torch.cat(hidden_rows), torch.cat(label_rows)
+
+
+def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, epochs: int = 4,
+             lr: float = 1e-3, batch_size: int = 256, seed: int = 0, log=None) -> DraftHead:
+    """A float32 head trained with Adam on (hidden, labels) through the frozen LM head's label rows."""
+    torch.manual_seed(seed)
+    head = DraftHead(hidden.shape[1], labels.shape[1])
+    vocab = labels[labels != IGNORE].unique()  # [V']
+    to_sub = torch.full((int(lm_head.weight.shape[0]),), IGNORE, dtype=torch.long)
+    to_sub[vocab] = torch.arange(len(vocab))
+    targets = torch.where(labels == IGNORE, IGNORE, to_sub[labels.clamp(min=0)])
+    weight = lm_head.weight.detach()[vocab].float()  # [V', d]
+    bias = None if lm_head.bias is None else lm_head.bias.detach()[vocab].float()
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    order = list(range(len(hidden)))
+    rng = random.Random(seed)
+    for epoch in range(epochs):
+        rng.shuffle(order)
+        total, batches = 0.0, 0
+        for i in range(0, len(order), batch_size):
+            batch = torch.tensor(order[i:i + batch_size])
+            logits = F.linear(head(hidden[batch]), weight, bias)  # [b, depth, V']
+            loss = F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), ignore_index=IGNORE)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}: loss {total / max(batches, 1):.3f}")
+    return head.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def head_accuracy(head: DraftHead, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per depth, the share of valid labels the head's full-vocabulary argmax gets right; and on positions
+    whose labels are all valid, the mean count of leading right guesses (tokens a chain of them adds)."""
+    guesses = torch.cat([head.propose(hidden[i:i + 512].to(lm_head.weight.dtype), lm_head)
+                         for i in range(0, len(hidden), 512)])
+    valid = labels != IGNORE
+    right = (guesses == labels) & valid
+    accuracy = [float(right[:, k].sum() / valid[:, k].sum().clamp(min=1)) for k in range(labels.shape[1])]
+    full = valid.all(1)
+    leading = right[full].long().cumprod(1).sum(1).float()
+    return {"positions": len(labels), "accuracy_by_depth": accuracy,
+            "leading_right": float(leading.mean()) if len(leading) else 0.0}
