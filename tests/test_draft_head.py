@@ -90,3 +90,22 @@ def test_naming_the_head_source_without_a_head_is_refused():
     with pytest.raises(ValueError, match="no draft head attached"):
         cllm_rt.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0, drafts=("head",))
 
+
+
+def test_cli_train_head_writes_a_model_that_decodes_exactly_with_its_head(tmp_path):
+    from cllm_rt.cli import main as cli_main
+    from training_fixtures import byte_tokenizer, save_model, tiny_lm, write_jsonl
+
+    source = save_model(tiny_lm(), tmp_path / "model", byte_tokenizer())
+    data = write_jsonl(tmp_path / "data.jsonl", [{"question": q, "answer": a} for q, a in
+                                                 [("2+2", "4"), ("one more", "two"), ("abc", "def"), ("xyz", "w")]])
+    out = str(tmp_path / "with-head")
+    cli_main(["train-head", "--model", source, "--data", data, "--out", out, "--prompt-template", "Q: {question}\\nA:",
+              "--use-reference", "--max-new-tokens", "12", "--depth", "2", "--epochs", "3"])
+    model, tokenizer = load_model(out, dtype="float64")
+    assert draft_head.attached(model).depth == 2
+    ids = torch.tensor([tokenizer("Q: 2+2\nA:")["input_ids"]])
+    expected = model.generate(ids, do_sample=False, max_new_tokens=20, pad_token_id=0)
+    out = cllm_rt.generate(model, ids, max_new_tokens=20, pad_token_id=0)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.proposed_by_source["head"] > 0

@@ -12,6 +12,7 @@ thousand rows instead of the whole vocabulary, the same argmax where it matters,
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -91,3 +92,53 @@ def head_accuracy(head: DraftHead, lm_head: torch.nn.Module, hidden: torch.Tenso
     leading = right[full].long().cumprod(1).sum(1).float()
     return {"positions": len(labels), "accuracy_by_depth": accuracy,
             "leading_right": float(leading.mean()) if len(leading) else 0.0}
+
+
+@torch.inference_mode()
+def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                   batch_size: int = 16) -> list[list[int]]:
+    """The target's greedy answers (cllm_rt's exact decoding, ``batch_size`` prompts at a time), cut after EOS."""
+    from ..runtime.decoding import Decoder
+
+    answers: list[list[int]] = [[] for _ in prompts]
+    for first in range(0, len(prompts), batch_size):
+        handles = list(range(first, min(first + batch_size, len(prompts))))
+        with Decoder(model, eos=eos) as decoder:
+            decoder.add([prompts[h] for h in handles], [max_new_tokens] * len(handles), handles)
+            while decoder.rows:
+                for handle, new, _ in decoder.emit():
+                    answers[handle] += new
+                decoder.decode()
+    return answers
+
+
+def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template: str | None = None,
+               use_reference: bool = False, max_new_tokens: int = 256, depth: int = 4, epochs: int = 6,
+               lr: float = 1e-3, seed: int = 0, log=print) -> dict:
+    """``cllm-rt train-head``: the target's greedy answers to the prompts of a JSON-lines file (and, with
+    ``use_reference``, the stretches of their 'answer' fields it agrees with) → a draft head, written with a
+    copy of the target into ``out_dir`` so that ``load_model(out_dir)`` attaches it. Returns the head's
+    accuracy on its training positions."""
+    from ..draft_head import describe, save
+    from ..models import load_model
+    from .prompt_file import read_prompt_file
+
+    texts = read_prompt_file(data_path, prompt_template, use_reference)
+    model, tokenizer = load_model(model_spec)
+    prompts = [tokenizer(t.prompt)["input_ids"] for t in texts]
+    eos = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    log(f"greedy answers to {len(prompts)} prompts (up to {max_new_tokens} tokens each)")
+    answers = greedy_answers(model, prompts, max_new_tokens, eos)
+    sequences = [(p + a, len(p)) for p, a in zip(prompts, answers)]
+    if use_reference:
+        sequences += [(p + tokenizer(t.reference, add_special_tokens=False)["input_ids"], len(p))
+                      for p, t in zip(prompts, texts)]
+    hidden, labels = head_examples(model, sequences, depth)
+    log(f"{len(hidden)} positions; training {epochs} epochs")
+    head = fit_head(model.get_output_embeddings(), hidden, labels, epochs=epochs, lr=lr, seed=seed, log=log)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    save(head, out_dir, model)
+    log(f"{describe(head)}; saved with the target into {out_dir}")
+    return head_accuracy(head, model.get_output_embeddings(), hidden.to(model.dtype), labels)
