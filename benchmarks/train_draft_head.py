@@ -51,7 +51,7 @@ def main():
     torch.manual_seed(0)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=torch.float32)
-    data = load_math(os.environ.get("CLLM_RT_DATA", "/work/shared/data"))
+    data = load_math(os.environ.get("CLLM_RT_DATA"))
     train, held = data.train[:args.train_prompts], data.eval[:args.eval_prompts]
     prompts = [prompt_tokens(tokenizer, e) for e in train + held]
     answers = greedy_answers(model, tokenizer, prompts, args.max_new_tokens, 32)
