@@ -134,7 +134,7 @@ def _train_head(args) -> None:
 
     result = train_head(args.model, args.data, args.out, prompt_template=_prompt_template(args), use_reference=args.use_reference,
                         max_new_tokens=args.max_new_tokens, depth=args.depth, epochs=args.epochs, lr=args.lr,
-                        seed=args.seed)
+                        weight_decay=args.weight_decay, seed=args.seed)
     print(f"training positions {result['positions']}: right by depth "
           f"{', '.join(f'{a:.2f}' for a in result['accuracy_by_depth'])}")
 
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--depth", type=int, default=4, help="tokens guessed past the next one")
     head.add_argument("--epochs", type=int, default=6)
     head.add_argument("--lr", type=float, default=1e-3)
+    head.add_argument("--weight-decay", type=float, default=0.0)
     head.add_argument("--seed", type=int, default=0)
     head.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     head.set_defaults(run=_train_head)

@@ -50,8 +50,9 @@ def head_examples(model, sequences: list[tuple[list[int], int]], depth: int) -> 
 
 
 def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, epochs: int = 4,
-             lr: float = 1e-3, batch_size: int = 256, seed: int = 0, log=None) -> DraftHead:
-    """A float32 head trained with Adam on (hidden, labels) through the frozen LM head's label rows."""
+             lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0, log=None) -> DraftHead:
+    """A float32 head trained with AdamW on (hidden, labels) through the frozen LM head's label rows;
+    ``log(message, head)`` after each epoch (e.g. to watch held-out accuracy)."""
     torch.manual_seed(seed)
     head = DraftHead(hidden.shape[1], labels.shape[1])
     vocab = labels[labels != IGNORE].unique()  # [V']
@@ -60,7 +61,7 @@ def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     targets = torch.where(labels == IGNORE, IGNORE, to_sub[labels.clamp(min=0)])
     weight = lm_head.weight.detach()[vocab].float()  # [V', d]
     bias = None if lm_head.bias is None else lm_head.bias.detach()[vocab].float()
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     order = list(range(len(hidden)))
     rng = random.Random(seed)
     for epoch in range(epochs):
@@ -75,7 +76,7 @@ def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
         if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}: loss {total / max(batches, 1):.3f}")
+            log(f"epoch {epoch + 1}/{epochs}: loss {total / max(batches, 1):.3f}", head)
     return head.eval().requires_grad_(False)
 
 
@@ -114,11 +115,11 @@ def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int, eos: se
 
 def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template: str | None = None,
                use_reference: bool = False, max_new_tokens: int = 256, depth: int = 4, epochs: int = 6,
-               lr: float = 1e-3, seed: int = 0, log=print) -> dict:
+               lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, log=print) -> dict:
     """``cllm-rt train-head``: the target's greedy answers to the prompts of a JSON-lines file (and, with
     ``use_reference``, the stretches of their 'answer' fields it agrees with) → a draft head, written with a
     copy of the target into ``out_dir`` so that ``load_model(out_dir)`` attaches it. Returns the head's
-    accuracy on its training positions."""
+    accuracy on (up to 2,048 of) its training positions."""
     from ..draft_head import describe, save
     from ..models import load_model
     from .prompt_file import read_prompt_file
@@ -135,10 +136,12 @@ def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template
                       for p, t in zip(prompts, texts)]
     hidden, labels = head_examples(model, sequences, depth)
     log(f"{len(hidden)} positions; training {epochs} epochs")
-    head = fit_head(model.get_output_embeddings(), hidden, labels, epochs=epochs, lr=lr, seed=seed, log=log)
+    head = fit_head(model.get_output_embeddings(), hidden, labels, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                    seed=seed, log=lambda message, _head: log(message))
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     save(head, out_dir, model)
     log(f"{describe(head)}; saved with the target into {out_dir}")
-    return head_accuracy(head, model.get_output_embeddings(), hidden.to(model.dtype), labels)
+    sample = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:2048]  # the full set costs minutes
+    return head_accuracy(head, model.get_output_embeddings(), hidden[sample].to(model.dtype), labels[sample])
