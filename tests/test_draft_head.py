@@ -13,24 +13,33 @@ from tiny_models import random_prompts, tiny_model
 MAX_NEW = 29
 
 
-def _random_head(model, depth=3, seed=1):
+def _random_head(model, depth=3, seed=1, vocab=None):
     torch.manual_seed(seed)
-    head = draft_head.DraftHead(model.config.hidden_size, depth).to(torch.float64)
+    head = draft_head.DraftHead(model.config.hidden_size, depth, vocab).to(torch.float64)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, 0.5)
     return head
 
 
+@pytest.mark.parametrize("vocab", [None, list(range(3, 101, 2))], ids=["whole-vocab", "some-tokens"])
 @pytest.mark.parametrize("drafts", ["auto", ("head",), ("head", "jacobi")])
-def test_output_equals_hf_greedy_with_a_head_attached(drafts):
+def test_output_equals_hf_greedy_with_a_head_attached(drafts, vocab):
     model = tiny_model()
     ids, mask = random_prompts(3, [5, 1, 9])
     expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
-    draft_head.attach(model, _random_head(model))
+    draft_head.attach(model, _random_head(model, vocab=None if vocab is None else torch.tensor(vocab)))
     out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, pad_token_id=0, drafts=drafts)
     assert torch.equal(out.sequences, expected)
     assert out.stats.proposed_by_source["head"] > 0
+
+
+def test_a_head_with_a_vocabulary_guesses_only_its_tokens():
+    model = tiny_model()
+    vocab = torch.tensor([7, 11, 50])
+    head = _random_head(model, depth=2, vocab=vocab)
+    guesses = head.propose(torch.randn(9, 32, dtype=torch.float64), model.get_output_embeddings())
+    assert guesses.shape == (9, 2) and torch.isin(guesses, vocab).all()
 
 
 def _greedy_sequences(model, count=6, length=6, new=24):
@@ -71,11 +80,11 @@ def test_load_model_attaches_the_head_and_refuses_one_for_other_weights(tmp_path
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: None)  # tiny models have no tokenizer
     model = tiny_model(dtype=torch.float32)
     model.save_pretrained(tmp_path)
-    head = _random_head(model).float()
+    head = _random_head(model, vocab=torch.tensor([4, 9, 16])).float()
     draft_head.save(head, str(tmp_path), model)
     loaded = load_model(tmp_path)[0]
     attached = draft_head.attached(loaded)
-    assert attached is not None and attached.depth == head.depth
+    assert attached is not None and attached.depth == head.depth and torch.equal(attached.vocab, head.vocab)
     assert all(torch.equal(a, b) for a, b in zip(attached.state_dict().values(), head.state_dict().values()))
     assert "cllm_draft_head" not in "".join(loaded.state_dict())  # the model's own weights stay its own
     other = tiny_model(dtype=torch.float32, seed=5)

@@ -54,8 +54,8 @@ def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     """A float32 head trained with AdamW on (hidden, labels) through the frozen LM head's label rows;
     ``log(message, head)`` after each epoch (e.g. to watch held-out accuracy)."""
     torch.manual_seed(seed)
-    head = DraftHead(hidden.shape[1], labels.shape[1])
-    vocab = labels[labels != IGNORE].unique()  # [V']
+    vocab = labels[labels != IGNORE].unique()  # [V']: what the head learns to guess, and guesses among
+    head = DraftHead(hidden.shape[1], labels.shape[1], vocab)
     to_sub = torch.full((int(lm_head.weight.shape[0]),), IGNORE, dtype=torch.long)
     to_sub[vocab] = torch.arange(len(vocab))
     targets = torch.where(labels == IGNORE, IGNORE, to_sub[labels.clamp(min=0)])
