@@ -82,16 +82,21 @@ def _generate(args) -> None:
           f"{args.block_size})", file=sys.stderr)
 
 
-def _collect(args) -> None:
-    _start_torch(args.threads)
-    from .training.collect import CollectSettings
-    from .training.prompt_file import collect_from_files
-
+def _prompt_template(args) -> str | None:
     template = args.prompt_template
     if template is not None:
         template = template.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed inside shell quotes
         if "{question}" not in template:
             raise ValueError("--prompt-template must contain {question}")
+    return template
+
+
+def _collect(args) -> None:
+    _start_torch(args.threads)
+    from .training.collect import CollectSettings
+    from .training.prompt_file import collect_from_files
+
+    template = _prompt_template(args)
     settings = CollectSettings(block_size=args.block_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                prompt_template=template, drop_repetitive=args.drop_repetitive,
                                keep_reference=args.keep_reference, shard_size=args.shard_size,
@@ -121,6 +126,17 @@ def _train(args) -> None:
     elif last:
         print(f"step {last['step']}: loss {last['loss']:.4f} (consistency {last['consistency']:.4f}, "
               f"ar {last['ar']:.4f}); model saved to {args.out}")
+
+
+def _train_head(args) -> None:
+    _start_torch(args.threads)
+    from .training.draft_head import train_head
+
+    result = train_head(args.model, args.data, args.out, prompt_template=_prompt_template(args), use_reference=args.use_reference,
+                        max_new_tokens=args.max_new_tokens, depth=args.depth, epochs=args.epochs, lr=args.lr,
+                        weight_decay=args.weight_decay, seed=args.seed)
+    print(f"training positions {result['positions']}: right by depth "
+          f"{', '.join(f'{a:.2f}' for a in result['accuracy_by_depth'])}")
 
 
 def _demo(args) -> None:
@@ -246,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     train.set_defaults(run=_train)
+
+    head = commands.add_parser("train-head", help="train a draft head for a frozen model on its own greedy answers "
+                               "(exact: the model verifies every guess); writes the model with the head to --out")
+    head.add_argument("--model", required=True, help=model_help)
+    head.add_argument("--data", required=True, help="JSON lines with a 'prompt' (or 'question') field")
+    head.add_argument("--out", required=True, help="output model directory (the model and its head)")
+    head.add_argument("--prompt-template", help="format of a 'question' field (as for collect)")
+    head.add_argument("--use-reference", action="store_true",
+                      help="also learn from the stretches of the data's 'answer' field that the model agrees with")
+    head.add_argument("--max-new-tokens", type=int, default=256, help="length of the model's greedy answers")
+    head.add_argument("--depth", type=int, default=4, help="tokens guessed past the next one")
+    head.add_argument("--epochs", type=int, default=6)
+    head.add_argument("--lr", type=float, default=1e-3)
+    head.add_argument("--weight-decay", type=float, default=0.0)
+    head.add_argument("--seed", type=int, default=0)
+    head.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    head.set_defaults(run=_train_head)
 
     demo = commands.add_parser("demo", help="the whole pipeline on real data on this CPU: a pretrained target, "
                                "trajectories, a CLLM, and a table of decoding methods (resumable)")

@@ -118,6 +118,8 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
     the CPU, else anything ``torch.device`` accepts; CUDA on a torch without it is a one-line ``ValueError``,
     checked before anything is loaded. The model is in eval mode. The tokenizer comes from the same directory
     with its saved settings: set ``tokenizer.padding_side = "left"`` before padding a batch for generation.
+    A draft head saved in the directory (:mod:`cllm_rt.draft_head`) is attached, so decoding uses it; one
+    trained for other weights is a one-line ``ValueError``.
     """
     import torch
 
@@ -130,6 +132,9 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if torch_device is not None:
         model.to(torch_device)
+    from . import draft_head
+
+    draft_head.attach(model, draft_head.load(str(path), model))  # None when no head was saved beside it
     return model.eval(), tokenizer
 
 

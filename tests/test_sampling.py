@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 import cllm_rt
-from cllm_rt import ops
+from cllm_rt import draft_head, ops
 from cllm_rt.runtime.decoding import Decoder
 from cllm_rt.runtime.drafts import SOURCES, Corpus
 from cllm_rt.runtime.sampling import SamplingParams, batch_sampling
@@ -19,8 +19,16 @@ native = pytest.mark.skipif(not ops.native_available(), reason="needs the compil
 
 
 @functools.lru_cache(maxsize=None)
-def _model(arch="llama"):
-    return tiny_model(arch)
+def _model(arch="llama", head=False):
+    model = tiny_model(arch)
+    if head:  # random weights: its guesses are often wrong, which the sampled path must not show
+        torch.manual_seed(3)
+        proposer = draft_head.DraftHead(model.config.hidden_size, depth=3).to(model.dtype)
+        with torch.no_grad():
+            for p in proposer.parameters():
+                p.normal_(0.0, 0.5)
+        draft_head.attach(model, proposer)
+    return model
 
 
 def _one_token_sampler(model, prompt, params, max_new_tokens):
@@ -131,12 +139,14 @@ PATHS = {"ar": dict(block_size=1, drafts=None), "jacobi5": dict(block_size=5, dr
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("params", PARAMS, ids=["t1", "t07_topk", "t13_topp_minp"])
 def test_every_path_samples_the_one_token_samplers_tokens(path, params):
-    model = _model()
+    model = _model(head=path == "head")
     ids, mask = random_prompts(3, [6, 1, 11], seed=2)
     out = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, corpus=Corpus(), do_sample=True,
                            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                            min_p=params.min_p, seed=params.seed, **PATHS[path])
     assert out.seed == params.seed
+    if path == "head":
+        assert out.stats.proposed_by_source["head"] > 0
     greedy = cllm_rt.generate(model, ids, mask, max_new_tokens=MAX_NEW, block_size=1, drafts=None)
     assert not torch.equal(out.sequences, greedy.sequences)
     for b, (row, m) in enumerate(zip(ids, mask)):

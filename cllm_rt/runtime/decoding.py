@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import ops
+from ..draft_head import attached
 from .attention import jacobi_attention
 from .cache import JacobiCache
 from .cost import StepCost, choose_budget
@@ -79,6 +80,7 @@ class _Row:
     output: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
+    head: list[int] = field(default_factory=list)  # the draft head's guesses past the next root
     steps: int = 0  # decode forwards this row took part in
     sampling: SamplingParams | None = None  # None: greedy
 
@@ -111,6 +113,8 @@ class _Row:
             # a caller's corpus may hold ids this model has no embedding for: cut a draft before them
             found = [c[:next((i for i, t in enumerate(c) if not 0 <= t < vocab), len(c))] for c in found]
             tree.add_trie([c for c in found if c], stats.calibration, "corpus", matched)
+        if "head" in sources and depth > 0 and self.head:
+            tree.add_trie([self.head[:depth]], stats.calibration, "head")
         return tree
 
 
@@ -148,6 +152,12 @@ class Decoder:
                  corpus: Corpus | None = None, eos=(), seed: int = 0):
         self.sources = _check_drafts(drafts)
         self.plain = drafts is None
+        self.head = None if self.plain or "head" not in self.sources else attached(model)
+        if self.head is None and "head" in self.sources:
+            if drafts != "auto":
+                raise ValueError("drafts names 'head' but the model has no draft head attached "
+                                 "(cllm_rt.models.load_model attaches one saved beside the model)")
+            self.sources = tuple(s for s in self.sources if s != "head")
         for name, value in (("block_size", block_size), ("max_tree_nodes", max_tree_nodes)):
             _check_count(name, value)
         if not self.plain and ops.MAX_TREE_NODES is not None and max_tree_nodes > ops.MAX_TREE_NODES:
@@ -290,17 +300,18 @@ class Decoder:
                                    explore=stats.forward_passes % EXPLORE_EVERY == EXPLORE_EVERY - 1)
             trees = [t.best(budget) for t in trees]
         try:
-            greedy, paths, nan = _verify(self.model, self.cache, trees, self.rows)
+            greedy, paths, nan, guesses = _verify(self.model, self.cache, trees, self.rows, self.head)
         except Exception as error:  # noqa: BLE001  nothing was committed: shed one row, the rest retry
             longest = max(range(len(self.rows)), key=lambda i: self.cache.lengths_host[i])
             handle = self.rows[longest].index
             self._keep([i for i in range(len(self.rows)) if i != longest])
             raise RowsFailed({handle: error}) from error
-        for row, tree, path, predicted, bad in zip(self.rows, trees, paths, greedy, nan):
+        for row, tree, path, predicted, bad, guessed in zip(self.rows, trees, paths, greedy, nan, guesses):
             if bad:
                 continue
             row.pending = [predicted[node] for node in path]
             row.jacobi = [predicted[node] for node in tree.first_child_chain(path[-1])]
+            row.head = guessed
             row.steps += 1
             if not self.plain:
                 self.acceptance.observe(tree, path)
@@ -414,9 +425,10 @@ def _check_drafts(drafts) -> tuple[str, ...]:
     return tuple(s for s in SOURCES if s in names)
 
 
-def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row]):
-    """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths and NaN flags
-    (host), a row flagged NaN holding garbage."""
+def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row], draft_head=None):
+    """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths, NaN flags
+    (a row flagged NaN holds garbage) and the draft head's guesses past each row's next root (host; empty
+    lists without a head)."""
     width = max(map(len, trees))
     device = cache.lengths.device
     # ragged rows: padding nodes are roots of their own (parent -1) whose outputs are ignored
@@ -426,11 +438,13 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row])
     parents = torch.tensor([t.parents + p for t, p in zip(trees, pad)], device=device)
     chains = all(t.parents == list(range(-1, width - 1)) for t in trees)
     sampling = batch_sampling([row.sampling for row in rows], device)
-    greedy, accepted, path, nan = tree_step(model, cache, tokens, depths, parents, chains, sampling)
-    host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
+    greedy, accepted, path, nan, guesses = tree_step(model, cache, tokens, depths, parents, chains, sampling,
+                                                     draft_head)
+    parts = [nan[:, None], accepted[:, None], greedy, path] + ([] if guesses is None else [guesses])
+    host = torch.cat(parts, 1).tolist()  # the step's one host sync
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)
-    return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host]
+    return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host], [h[2 + 2 * width:] for h in host]
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:

@@ -11,6 +11,9 @@ greedy predictions are committed, so no source can change the output, only the s
                caller adds (e.g. a target's collected fixed points), bounded, oldest evicted first.
   ``jacobi``   the previous step's greedy predictions past the accepted token, i.e. Jacobi decoding's next
                iterate (recycled from the tree's rejected branch): what a CLLM is trained to make right.
+  ``head``     a draft head's guesses (:mod:`cllm_rt.draft_head`, only when one is attached to the model):
+               small layers over the target's hidden state at the last accepted node, trained on the
+               target's own greedy tokens, guessing the tokens after the next one.
 
 Scores: a node's score estimates the probability that it is accepted, ``score(parent) * min(1, c * f)``,
 where ``f`` is the fraction of the parent's matches that continue with this token (1 for the Jacobi
@@ -24,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import islice
 
-SOURCES = ("jacobi", "context", "corpus")
+SOURCES = ("jacobi", "context", "corpus", "head")
 
 
 class NgramIndex:
@@ -239,7 +242,7 @@ class AcceptanceStats:
     same model: how often drafts are right is a property of the model and its data.
     """
 
-    PRIOR = {"jacobi": 0.2, "context": 0.6, "corpus": 0.4}
+    PRIOR = {"jacobi": 0.2, "context": 0.6, "corpus": 0.4, "head": 0.6}
     STRENGTH = 4.0  # pseudo-observations of the prior
     DEPTHS = 8  # depths beyond share the last bucket
     MATCHES = 4  # longer suffix matches share the last bucket

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic_io import atomic_write, atomic_write_json
+from ..draft_head import model_fingerprint  # noqa: F401  (identities of collected and trained models)
 
 FORMAT = "cllm_rt.trajectories/1"
 MANIFEST = "manifest.json"
@@ -65,20 +66,6 @@ class PromptTrajectories:
 
 
 # ---------------------------------------------------------------- identities (what a rerun must match)
-
-def model_fingerprint(model, dtype: torch.dtype | None = None) -> dict:
-    """Identify a model's weights without reading all of them: every parameter's name, shape and first 64
-    values (any fine-tune changes those), hashed after rounding to ``dtype`` (default: the parameters' own),
-    so a float32 copy of a model collected in bfloat16 is recognised as the same model."""
-    digest = hashlib.sha256()
-    first = next(model.parameters())
-    dtype = dtype or first.dtype
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
-        digest.update(param.detach().flatten()[:64].to("cpu", dtype).to(torch.float64).numpy().tobytes())
-    return {"model_type": model.config.model_type, "vocab_size": model.config.vocab_size,
-            "dtype": str(dtype).removeprefix("torch."), "sha256": digest.hexdigest()}
-
 
 def tokenizer_fingerprint(tokenizer) -> dict:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)

@@ -1,0 +1,108 @@
+"""Train a draft head (cllm_rt.draft_head) for SmolLM2-135M-Instruct on GSM8K train prompts and measure it offline
+on held-out GSM8K test prompts; write the target + head as a model directory that load_model attaches it from.
+
+Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of GSM8K's reference
+answers that the target agrees with. Offline metric: per depth, the share of held-out positions the head
+guesses right, and the mean count of leading right guesses (tokens a head chain adds per step).
+
+    OMP_NUM_THREADS=1 flock /tmp/bench.lock python benchmarks/train_draft_head.py --out DIR [--json PATH]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from cllm_rt import draft_head
+from cllm_rt.demo.data import load_math, prompt_tokens, reference_tokens
+from cllm_rt.models import load_model
+from cllm_rt.training.draft_head import fit_head, head_accuracy, head_examples
+
+
+def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
+    """The target's greedy answers (HF generate, left-padded batches), cut after EOS."""
+    answers = []
+    eos = tokenizer.eos_token_id
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        for row in out[:, width:].tolist():
+            answers.append(row[:row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+def features(model, tokenizer, args, start):
+    """Hidden states and labels of the target's own greedy answers (train and held-out) and of the reference
+    answers' stretches it agrees with (train)."""
+    data = load_math(os.environ.get("CLLM_RT_DATA"))
+    train, held = data.train[:args.train_prompts], data.eval[:args.eval_prompts]
+    prompts = [prompt_tokens(tokenizer, e) for e in train + held]
+    answers = greedy_answers(model, tokenizer, prompts, args.max_new_tokens, 32)
+    gen_s = time.perf_counter() - start
+    print(f"greedy answers: {len(answers)} in {gen_s:.0f} s", flush=True)
+    own = [(p + a, len(p)) for p, a in zip(prompts, answers)]
+    refs = [(p + reference_tokens(tokenizer, e), len(p)) for p, e in zip(prompts, train)]
+    n = len(train)
+    x_train, y_train = head_examples(model, own[:n] + refs, args.depth)
+    x_eval, y_eval = head_examples(model, own[n:], args.depth)
+    print(f"features: {len(x_train)} train / {len(x_eval)} held-out positions in "
+          f"{time.perf_counter() - start - gen_s:.0f} s", flush=True)
+    return x_train, y_train, x_eval, y_eval
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--train-prompts", type=int, default=96)
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--features", help="cache of the target's answers' hidden states and labels (reused when present)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    if args.features and os.path.exists(args.features):
+        x_train, y_train, x_eval, y_eval = torch.load(args.features)
+    else:
+        x_train, y_train, x_eval, y_eval = features(model, tokenizer, args, start)
+        if args.features:
+            torch.save((x_train, y_train, x_eval, y_eval), args.features)
+    lm_head = model.get_output_embeddings()
+    untrained = head_accuracy(draft_head.DraftHead(x_train.shape[1], args.depth), lm_head, x_eval, y_eval)
+    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:2048]
+    curve = []
+
+    def log(message, head):
+        curve.append(head_accuracy(head, lm_head, x_eval, y_eval))
+        print(f"{message}; held-out right by depth {[round(a, 3) for a in curve[-1]['accuracy_by_depth']]}, "
+              f"leading {curve[-1]['leading_right']:.3f}", flush=True)
+
+    head = fit_head(lm_head, x_train, y_train, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log=log)
+    result = {"train_sample": head_accuracy(head, lm_head, x_train[sample], y_train[sample]), "held_out_by_epoch": curve,
+              "held_out": head_accuracy(head, lm_head, x_eval, y_eval),
+              "held_out_untrained": untrained, "train_positions": len(x_train), "seconds": time.perf_counter() - start,
+              "args": vars(args), "description": draft_head.describe(head),
+              "conditions": "1 thread, shared 2-core machine (other helpers busy), float32"}
+    print(json.dumps(result, indent=1), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    draft_head.save(head, args.out, model)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
