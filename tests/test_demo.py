@@ -259,7 +259,8 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
         assert by_method[exact]["same"] == 1.0, exact
     assert by_method["target+hf"]["tokens_per_forward"] == pytest.approx(1.0)
     assert by_method["target+ar"]["tokens_per_forward"] == pytest.approx(1.0)
-    assert set(by_method["target+best"]["accepted_by_source"]) == {"jacobi", "context", "corpus"}
+    assert set(by_method["target+best"]["accepted_by_source"]) == {"jacobi", "context", "corpus", "head"}
+    assert by_method["target+best"]["accepted_by_source"]["head"] == 0  # the demo trains no draft head
     assert results["corpus_seed_answers"] == {"math": 6}  # the target's answers to the trajectory prompts
     assert results["versions"]["torch"] == torch.__version__ and results["machine"]["torch_threads"] == 2
     assert len(results["targets"]) == 5 and results["samples"]["math"]["prompt"].startswith("Question:")

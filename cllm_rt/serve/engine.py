@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..draft_head import attached
 from ..runtime.decoding import Decoder, RowsFailed
 from ..runtime.drafts import SOURCES, Corpus
 from ..runtime.inputs import check_model, resolve_special_tokens
@@ -104,7 +105,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         if corpus == "off" and drafts is not None:
             names = SOURCES if drafts == "auto" else (drafts,) if isinstance(drafts, str) else tuple(drafts)
-            drafts = tuple(name for name in names if name != "corpus")
+            # "auto" uses a draft head only where one is attached, as the Decoder's own "auto" does
+            dropped = {"corpus"} | ({"head"} if drafts == "auto" and attached(model) is None else set())
+            drafts = tuple(name for name in names if name not in dropped)
         self.corpus = Corpus() if corpus == "shared" else _NoCorpus()  # kept across Decoders
         self.decoder_options = dict(block_size=block_size, drafts=drafts, corpus=self.corpus)
         self.eos = set(resolve_special_tokens(model)[0])
