@@ -53,8 +53,10 @@ def reference(tokenizer):
     on a model of its own (the server's model is the server's)."""
     model = _model()
 
-    def expected(prompt: list[int], max_tokens: int, stop=(), eos=EOS):
-        out = cllm_rt.generate(model, torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=eos)
+    def expected(prompt: list[int], max_tokens: int, stop=(), eos=EOS, **sampling):
+        """``sampling``: temperature, top_k, top_p, seed for cllm_rt.generate(do_sample=True); none: greedy."""
+        out = cllm_rt.generate(model, torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=eos,
+                               **({"do_sample": True, "top_k": 0, **sampling} if sampling else {}))
         new = out.sequences[0, len(prompt):].tolist()
         text = tokenizer.decode([t for t in new if t != eos], skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -124,6 +126,43 @@ def test_concurrent_requests_equal_sequential_generate(url, tokenizer, reference
     assert {reason for _, reason in got} == {"stop", "length"}
 
 
+def test_sampled_answers_equal_the_one_token_sampler_and_reproduce_from_their_seed(url, tokenizer, reference):
+    """Greedy and sampled rows in one batch: each text equals cllm_rt.generate alone with the same settings
+    (itself identical to one-token-at-a-time sampling, tests/test_sampling.py); a request without a seed is told
+    the one it got, and sending that seed again gives the same text."""
+    fox, hello = _ids(tokenizer, "The quick brown fox"), _ids(tokenizer, "Hello there")
+    bodies = [dict(prompt="Hello there"), dict(prompt="The quick brown fox", temperature=1.0, seed=5),
+              dict(prompt="The quick brown fox", temperature=0.7, top_k=20, top_p=0.9, seed=2**40),
+              dict(prompt="The quick brown fox", temperature=1.3)]
+
+    def post(body):
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json=dict(model=NAME, max_tokens=40, **body))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(post, bodies))
+    texts = [a["choices"][0]["text"] for a in answers]
+    assert "seed" not in answers[0] and texts[0] == reference(hello, 40)[0]
+    assert answers[1]["seed"] == 5 and texts[1] == reference(fox, 40, temperature=1.0, seed=5)[0]
+    assert texts[2] == reference(fox, 40, temperature=0.7, top_k=20, top_p=0.9, seed=2**40)[0]
+    drawn = answers[3]["seed"]
+    assert isinstance(drawn, int) and texts[3] == reference(fox, 40, temperature=1.3, seed=drawn)[0]
+    assert post(dict(prompt="The quick brown fox", temperature=1.3, seed=drawn))["choices"][0]["text"] == texts[3]
+    assert len(set(texts[1:])) == 3  # the seeds and settings did change the samples
+
+
+def test_n_choices_are_rows_with_consecutive_seeds(url, tokenizer, reference):
+    client = _client(url)
+    answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "ab"}], max_tokens=30,
+                                            temperature=1.0, n=3, seed=77)
+    prompt = _chat_ids(tokenizer, "ab")
+    assert [c.index for c in answer.choices] == [0, 1, 2] and answer.model_extra["seed"] == 77
+    assert [(c.message.content, c.finish_reason) for c in answer.choices] == [
+        reference(prompt, 30, temperature=1.0, seed=77 + i) for i in range(3)]
+    assert answer.usage.completion_tokens >= 3
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_stop_strings_cut_the_text_before_them(url, tokenizer, reference, stream):
     prompt = "The quick brown fox"
@@ -190,9 +229,14 @@ def test_overload_is_answered_at_once_and_the_queue_drains(endless, tokenizer, r
     (json.dumps({"model": NAME}), 400, "prompt"),
     (json.dumps({"model": NAME, "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
     (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), 400, "max_tokens"),
-    (json.dumps({"model": NAME, "prompt": "x", "temperature": 0.7}), 400, "decodes greedily"),
-    (json.dumps({"model": NAME, "prompt": "x", "n": 2}), 400, "n=2"),
-    (json.dumps({"model": NAME, "prompt": "x", "top_p": 0.5}), 400, "top_p"),
+    (json.dumps({"model": NAME, "prompt": "x", "temperature": -0.5}), 400, "temperature"),
+    (json.dumps({"model": NAME, "prompt": "x", "n": 2}), 400, "n=2: greedy"),
+    (json.dumps({"model": NAME, "prompt": "x", "n": 9, "temperature": 1.0}), 400, "n must be between 1 and 8"),
+    (json.dumps({"model": NAME, "prompt": "x", "n": 2, "temperature": 1.0, "stream": True}), 400, "with stream"),
+    (json.dumps({"model": NAME, "prompt": "x", "temperature": 1.0, "top_p": 0.0}), 400, "top_p must be in (0, 1]"),
+    (json.dumps({"model": NAME, "prompt": "x", "top_k": -2}), 400, "top_k must be an integer >= 0"),
+    (json.dumps({"model": NAME, "prompt": "x", "temperature": 1.0, "seed": "7"}), 400, "seed"),
+    (json.dumps({"model": NAME, "prompt": "x", "presence_penalty": 0.5}), 400, "presence_penalty"),
     (json.dumps({"model": NAME, "prompt": "x", "logprobs": 2}), 400, "logprobs"),
     (json.dumps({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, "at most 4"),
     (json.dumps({"model": NAME, "prompt": "x", "max_tokens": CONTEXT}), 400, "max_position_embeddings"),

@@ -8,9 +8,10 @@ final, before the next forward runs, finished rows leave the batch, and a reques
 removed from it. Each request's tokens become text on that thread (:class:`TextStream`: whole characters only,
 cut before a stop string) and travel to the event loop as deltas, streamed as server-sent events.
 
-Greedy only, as the runtime is exact greedy decoding: the texts equal ``cllm_rt.generate`` (and so
-``model.generate(do_sample=False)``) for the same prompt. A request for sampling (``temperature > 0``, ``top_p <
-1``, penalties, ``n > 1``, ...) is answered 400 with the reason instead of being decoded greedily in silence.
+The texts equal ``cllm_rt.generate`` for the same prompt and settings: greedy (``model.generate(do_sample=False)``)
+without a temperature, seeded sampling with one (``n`` choices are rows with seeds ``seed + i``; a request
+without a seed is told the one it got). What cannot be honoured (penalties, logprobs, tools, ...) is answered 400
+with the reason instead of being ignored in silence.
 
 Limits, each answered at once and never by a dying server: a request body over ``max_body_bytes`` 413; a prompt
 plus ``max_tokens`` beyond the model's positions 400; more than ``max_batch`` decoding plus ``max_queue``

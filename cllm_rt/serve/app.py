@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.inputs import check_positions
 from .engine import Engine, Generation, Overloaded, Unavailable
 from .metrics import Metrics
-from .schemas import ApiError, ChatRequest, CompletionRequest, Body, check_greedy, message_text, stops
+from ..runtime.sampling import SamplingParams
+from .schemas import ApiError, ChatRequest, CompletionRequest, Body, choices, message_text, stops
 
 log = logging.getLogger("cllm_rt.serve")
 
@@ -101,7 +102,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _check_request(body)
+        rows = _check_request(body)
         if isinstance(body.prompt, str):  # off the event loop: a long prompt takes a while
             prompt = await asyncio.to_thread(lambda: tokenizer(body.prompt)["input_ids"])
         elif body.prompt and isinstance(body.prompt[0], str):
@@ -111,16 +112,17 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             prompt = body.prompt
             if any(t < 0 or t >= vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return await _answer(request, body, prompt, body.max_tokens or 16, "text_completion")
+        return await _answer(request, body, rows, prompt, body.max_tokens or 16, "text_completion")
 
     @api.post("/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        _check_request(body)
+        rows = _check_request(body)
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
         messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
         prompt = await asyncio.to_thread(_render, messages)  # off the event loop: a long chat takes a while
-        return await _answer(request, body, prompt, body.max_completion_tokens or body.max_tokens, "chat.completion")
+        return await _answer(request, body, rows, prompt, body.max_completion_tokens or body.max_tokens,
+                             "chat.completion")
 
     def _render(messages: list[dict]) -> list[int]:
         """The chat template's token ids. Content that spells a special token is refused: the template's
@@ -136,13 +138,15 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         except Exception as error:  # noqa: BLE001  the template's own checks (roles, order) reject the messages
             raise ApiError(400, f"the chat template rejected the messages: {error}", param="messages") from None
 
-    def _check_request(body: Body) -> None:
+    def _check_request(body: Body) -> list[SamplingParams | None]:
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
                             "not_found_error", "model")
-        check_greedy(body)
+        return choices(body)
 
-    async def _answer(request: Request, body: Body, prompt: list[int], max_tokens: int | None, kind: str):
+    async def _answer(request: Request, body: Body, rows: list[SamplingParams | None], prompt: list[int],
+                      max_tokens: int | None, kind: str):
+        """Decode ``prompt`` once per choice in ``rows`` (each a row of the batch) and answer."""
         stop = stops(body)
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -155,26 +159,36 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
             check_positions(model, len(prompt), max_tokens)
         except (ValueError, NotImplementedError) as error:
             raise ApiError(400, str(error), param="max_tokens") from None
+        generations = []
         try:
-            generation = engine.submit(prompt, max_tokens, stop)
-        except Overloaded as error:
-            raise ApiError(503, f"overloaded: {error}", "server_overloaded") from None
+            for params in rows:
+                generations.append(engine.submit(prompt, max_tokens, stop, params))
         except Unavailable as error:
+            for generation in generations:  # all of the request's choices or none
+                engine.cancel(generation)
+            if isinstance(error, Overloaded):
+                raise ApiError(503, f"overloaded: {error}", "server_overloaded") from None
             raise ApiError(503, str(error), "server_error") from None
         identity = dict(id=f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                         created=int(time.time()), model=model_name)
+        if rows[0] is not None:  # the seed that reproduces this answer (choice i used seed + i)
+            identity["seed"] = rows[0].seed
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
+            generation, = generations  # n > 1 with stream was refused
             return _EventStream(engine, generation, _stream(generation, kind, identity, len(prompt), usage))
-        text, finish_reason = await _collect(engine, generation, request)
-        if finish_reason is None:  # the client went away
+        answers = await _collect(engine, generations, request)
+        if answers is None:  # the client went away
             return Response(status_code=499)
-        if kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        return {**identity, "object": kind, "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}],
-                "usage": _usage(len(prompt), generation.tokens)}
+        listed = []
+        for index, (text, finish_reason) in enumerate(answers):
+            if kind == "chat.completion":
+                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+            else:
+                choice = {"index": index, "text": text}
+            listed.append({**choice, "logprobs": None, "finish_reason": finish_reason})
+        return {**identity, "object": kind, "choices": listed,
+                "usage": _usage(len(prompt), sum(g.tokens for g in generations))}
 
     app.include_router(api)
 
@@ -226,36 +240,42 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _collect(engine: Engine, generation: Generation, request: Request):
-    """The whole text and finish reason, or ``(text so far, None)`` once the client disconnects. However this
-    ends (an answer, a disconnect, the handler cancelled), the row leaves the batch (a no-op once done)."""
+async def _collect(engine: Engine, generations: list[Generation], request: Request):
+    """Each generation's whole text and finish reason, or None once the client disconnects. However this ends
+    (answers, a disconnect, a failed row, the handler cancelled), every row leaves the batch (a no-op once
+    done). The queues are read one after the other: the rows keep decoding together meanwhile."""
 
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     watcher = asyncio.ensure_future(disconnected())
-    parts = []
+    answers = []
     try:
-        while True:
-            getter = asyncio.ensure_future(generation.events.get())
-            try:
-                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()  # cancelled only once it runs again: done() stays False until then
-            if not getter.done():  # the client went away
-                return "".join(parts), None
-            kind, value = getter.result()
-            if kind == "text":
-                parts.append(value)
-            elif kind == "done":
-                return "".join(parts), value
-            else:
-                raise ApiError(500, value, "server_error")
+        for generation in generations:
+            parts, finish_reason = [], None
+            while finish_reason is None:
+                getter = asyncio.ensure_future(generation.events.get())
+                try:
+                    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()  # cancelled only once it runs again: done() stays False until then
+                if not getter.done():  # the client went away
+                    return None
+                kind, value = getter.result()
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "done":
+                    finish_reason = value
+                else:
+                    raise ApiError(500, value, "server_error")
+            answers.append(("".join(parts), finish_reason))
+        return answers
     finally:
         watcher.cancel()
-        engine.cancel(generation)
+        for generation in generations:
+            engine.cancel(generation)
 
 
 class _EventStream(StreamingResponse):

@@ -18,6 +18,7 @@ from ..draft_head import attached
 from ..runtime.decoding import Decoder, RowsFailed
 from ..runtime.drafts import SOURCES, Corpus
 from ..runtime.inputs import check_model, resolve_special_tokens
+from ..runtime.sampling import SamplingParams
 from .metrics import Metrics
 from .text import TextStream
 
@@ -57,6 +58,7 @@ class Generation:
     first_token: float | None = None
     tokens: int = 0
     finish_reason: str | None = None
+    sampling: SamplingParams | None = None  # None: greedy
 
     def send(self, *event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
@@ -154,10 +156,11 @@ class Engine:
             self._in_flight -= len(self._waiting)
             self._waiting.clear()
 
-    def submit(self, prompt: list[int], max_tokens: int, stop: list[str]) -> Generation:
+    def submit(self, prompt: list[int], max_tokens: int, stop: list[str],
+               sampling: SamplingParams | None = None) -> Generation:
         """Queue a generation (event loop thread); raises :class:`Unavailable` at once when it cannot."""
         generation = Generation(next(self._handles), prompt, max_tokens, TextStream(self.tokenizer, stop),
-                                asyncio.get_running_loop())
+                                asyncio.get_running_loop(), sampling=sampling)
         with self._lock:
             if self.broken is not None:
                 raise Unavailable(self.broken)
@@ -259,7 +262,8 @@ class Engine:
         """Prefill the joining requests in one forward. The Decoder checks and, if their group prefill fails,
         prefills each row alone, so only a request that cannot be decoded by itself fails; the others join."""
         try:
-            decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining])
+            decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining],
+                        [g.sampling for g in joining])
         except RowsFailed as failed:
             for handle, error in failed.errors.items():
                 log.warning("a request could not join the batch: %s", error)

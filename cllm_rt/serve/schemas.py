@@ -6,12 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..runtime.sampling import SamplingParams, random_seed
+
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
-# Fields that ask for what this server cannot do (sampling, penalties, logprobs, tools, JSON mode), with the
-# values that ask for nothing: any other value is refused. null is always the default.
-_NEUTRAL = {"top_p": (1.0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,),
-            "top_k": (-1, 0, 1), "min_p": (0.0,), "best_of": (1,), "logit_bias": ({},), "logprobs": (False,),
+MAX_N = 8  # choices per request: each is a row of the batch
+
+# Fields that ask for what this server cannot do (penalties, logprobs, tools, JSON mode), with the values that
+# ask for nothing: any other value is refused. null is always the default. Penalties depend on the prefix, so
+# a tree's branches would each need their own; they are refused rather than approximated.
+_NEUTRAL = {"presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,),
+            "best_of": (1,), "logit_bias": ({},), "logprobs": (False,),
             "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "response_format": ({"type": "text"},),
             "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",)}
 
@@ -19,7 +24,7 @@ _NEUTRAL = {"top_p": (1.0,), "presence_penalty": (0.0,), "frequency_penalty": (0
 class Body(BaseModel):
     """The fields both endpoints accept: an allowlist. Any other field is refused by name (a client asking for
     ``ignore_eos`` or ``min_tokens`` must not get an answer that silently ignored it); strict types, so that
-    ``"12"`` is never read as the token 12. ``user`` and ``seed`` change nothing here (greedy has no seed)."""
+    ``"12"`` is never read as the token 12. ``user`` changes nothing here."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -75,18 +80,34 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def check_greedy(body: Body) -> None:
-    if body.temperature is not None and body.temperature > 0:
-        raise ApiError(400, f"temperature={body.temperature} asks for sampling; this server decodes greedily "
-                       "(send temperature 0 or leave it out)", param="temperature")
-    if body.n not in (None, 1):
-        raise ApiError(400, f"n={body.n}: greedy decoding has one answer per prompt", param="n")
+def choices(body: Body) -> list[SamplingParams | None]:
+    """The request's choices, each a row's sampling (None: greedy), after refusing what cannot be honoured.
+
+    No temperature, or 0, is greedy decoding (the runtime's exact path; OpenAI's default would be 1), where
+    top_p, top_k and min_p change nothing, as the argmax always passes them. With a temperature each of the
+    ``n`` choices samples with seed ``seed + i``; a request without a seed gets a random one, returned in the
+    answer, so that any answer can be reproduced."""
     for name, neutral in _NEUTRAL.items():
         value = getattr(body, name, None)
         # types compared too: logprobs 0 (the chosen token's logprob) is not logprobs false
         if value is not None and not any(type(value) is type(v) and value == v for v in neutral):
-            raise ApiError(400, f"{name}={value!r} is not supported: this server decodes the plain greedy argmax",
-                           param=name)
+            raise ApiError(400, f"{name}={value!r} is not supported by this server", param=name)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    temperature = float(body.temperature or 0)
+    if temperature == 0 and n > 1:
+        raise ApiError(400, f"n={n}: greedy decoding has one answer per prompt (send a temperature > 0)", param="n")
+    if n > 1 and body.stream:
+        raise ApiError(400, f"n={n} with stream is not supported: stream one choice per request", param="n")
+    top_k = 0 if body.top_k in (None, -1) else body.top_k  # -1: vLLM's spelling of "off"
+    seed = random_seed() if body.seed is None else body.seed
+    try:
+        rows = [SamplingParams(temperature, top_k, 1.0 if body.top_p is None else body.top_p,
+                               0.0 if body.min_p is None else body.min_p, seed + i) for i in range(n)]
+    except ValueError as error:
+        raise ApiError(400, str(error), param=str(error).split()[0]) from None
+    return [None] if temperature == 0 else rows
 
 
 def stops(body: Body) -> list[str]:
