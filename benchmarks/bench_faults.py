@@ -16,7 +16,8 @@ at random from these kinds:
 It reports the requests answered per kind and whether each got the status it should (200 for good, 400 for
 the refused ones); every good answer's text against ``cllm_rt.generate`` of the same prompt alone (exact
 greedy, computed after the run); and the engine's rows, queue and in-flight count and the process's resident
-memory at the start (after one warm-up request) and at the end (once idle): nothing may be left over.
+memory at the start (after one warm-up request), every ``--sample-seconds`` during the run, and at the end (once
+idle, and again after ``malloc_trim``): nothing may be left over.
 
     flock /tmp/bench.lock python benchmarks/bench_faults.py --minutes 5 --clients 6 --threads 1 \
         --data-dir /work/shared/data --json benchmarks/results/serve-faults-smollm2.json
@@ -30,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 
 import argparse
 import collections
+import ctypes
 import gc
 import json
 import random
@@ -58,6 +60,21 @@ def _resident_mb() -> float:
 def _state(engine) -> dict:
     return dict(running=engine.running, waiting=engine.waiting, in_flight=engine._in_flight,
                 resident_mb=round(_resident_mb(), 1))
+
+
+def _trimmed_mb() -> float:
+    """Resident memory once glibc has handed its free pages back: what a leak keeps and allocator caching does
+    not (freed tensors of many batch shapes stay in malloc's arenas and count as resident until trimmed)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return round(_resident_mb(), 1)
+
+
+def _sample(engine, started: float, every: float, until: float, timeline: list[dict]) -> None:
+    """The engine's state and resident memory every ``every`` seconds of the run: a leak grows with time,
+    allocator caching levels off."""
+    while time.monotonic() < until:
+        time.sleep(every)
+        timeline.append(dict(seconds=round(time.monotonic() - started), **_state(engine)))
 
 
 def _good(client: httpx.Client, rng: random.Random, questions: list[str], max_tokens: int) -> dict:
@@ -171,6 +188,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=12, help="distinct GSM8K questions the good requests use")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="holds gsm8k/test.jsonl (default: ../shared/data)")
+    parser.add_argument("--sample-seconds", type=float, default=30.0, help="how often resident memory is recorded")
     parser.add_argument("--json", default="bench_faults.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +207,8 @@ def main() -> None:
         until = started + 60 * args.minutes
         threads = [threading.Thread(target=_client_loop, args=(url, args.seed + k, until, questions, args.max_tokens,
                                                                 context, results)) for k in range(args.clients)]
+        timeline: list[dict] = []
+        threads.append(threading.Thread(target=_sample, args=(engine, started, args.sample_seconds, until, timeline)))
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -199,6 +219,7 @@ def main() -> None:
             time.sleep(0.1)  # the last vanished rows leave at the next step
         gc.collect()
         end_state = _state(engine)
+        end_state["resident_mb_after_malloc_trim"] = _trimmed_mb()
         health = httpx.get(f"{url}/health").json()
 
     answers = {}
@@ -216,7 +237,7 @@ def main() -> None:
                              as_expected=sum(r["status"] == expected for r in mine) if expected else None)
     report = dict(machine=_machine(), settings=vars(args), wall_seconds=round(wall, 1), by_kind=by_kind,
                   good_exact=sum(r["exact"] for r in good), good_answered=len(good),
-                  start=start_state, end=end_state, health_at_end=health, requests=results)
+                  start=start_state, end=end_state, timeline=timeline, health_at_end=health, requests=results)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
@@ -227,8 +248,10 @@ def main() -> None:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(row["statuses"].items()))
         print(f"| {kind} | {row['sent']} | {statuses} | {row['as_expected'] if row['as_expected'] is not None else '-'} |")
     print("| | rows | queue | in flight | resident MB |\n|---|---|---|---|---|")
-    for name, state in (("start", start_state), ("end", end_state)):
+    for name, state in [("start", start_state)] + [(f"{t['seconds']} s", t) for t in timeline] + [("end", end_state)]:
         print(f"| {name} | {state['running']} | {state['waiting']} | {state['in_flight']} | {state['resident_mb']} |")
+    print(f"resident memory at the end once malloc_trim gave free pages back: "
+          f"{end_state['resident_mb_after_malloc_trim']} MB")
 
 
 if __name__ == "__main__":
