@@ -67,9 +67,29 @@ def test_corpus_never_continues_across_sequences_and_stays_bounded():
     assert corpus.continuations([9, 2], depth=4, max_matches=8, min_n=1) == (1, [[5], [3]])
     for start in range(20):
         corpus.add([100 + start, 101 + start, 102 + start])
-    assert len(corpus) <= 10 and len(corpus.index.tokens) <= 2 * 10 + len(corpus.sequences)
+    assert len(corpus) <= 10
     assert corpus.continuations([9, 2], depth=4, max_matches=8, min_n=1) == (0, [])  # evicted, oldest first
-    assert corpus.continuations([119], depth=2, max_matches=8, min_n=1) == (1, [[120, 121]])
+    # the two newest sequences are held, the young generation's first; [117, 118, 119] and older are gone
+    assert corpus.continuations([119], depth=2, max_matches=8, min_n=1) == (1, [[120, 121], [120]])
+    assert corpus.continuations([117], depth=2, max_matches=8, min_n=1) == (0, [])
+
+
+def test_corpus_indexes_each_token_once_however_often_it_evicts(monkeypatch):
+    indexed = []
+    extend = NgramIndex.extend
+    monkeypatch.setattr(NgramIndex, "extend", lambda self, tokens: (indexed.append(len(tokens)), extend(self, tokens)))
+    corpus = Corpus(max_tokens=64, max_n=3)
+    sequences = [[(7 * i + j) % 50 for j in range(1 + i % 9)] for i in range(200)]
+    for tokens in sequences:
+        corpus.add(tokens)
+    assert sum(indexed) == sum(len(t) + 1 for t in sequences)  # each token and its separator, never again
+    assert len(corpus) <= 64
+    assert corpus.continuations(sequences[-1][:1], depth=8, max_matches=1, min_n=1)[1][0] == sequences[-1][1:]
+
+
+def test_corpus_needs_room_for_two_generations():
+    with pytest.raises(ValueError, match="max_tokens must be >= 2"):
+        Corpus(max_tokens=1)
 
 
 # ---------------------------------------------------------------- trees

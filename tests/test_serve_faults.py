@@ -257,6 +257,19 @@ def test_a_row_that_fails_fails_its_request_only(tokenizer, monkeypatch):
     assert health.status_code == 200
 
 
+def test_free_memory_goes_back_once_the_batch_is_empty(tokenizer, monkeypatch):
+    """glibc keeps freed KV caches in its arenas; the engine trims once per busy period, after its decoder
+    (and so its cache) is gone, never while rows decode."""
+    trims = []
+    app = serve.create_app(_model(), tokenizer, model_name=NAME, max_batch=4)
+    monkeypatch.setattr(serve.engine, "give_back_free_memory", lambda: trims.append(app.state.engine.running))
+    with serve.background(app) as url:
+        answer = httpx.post(f"{url}/v1/completions", timeout=60, json=dict(model=NAME, prompt="ab", max_tokens=8))
+        assert answer.status_code == 200
+        assert _until(lambda: trims)
+    assert trims == [0]
+
+
 # ---------------------------------------------------------------- security
 
 

@@ -74,58 +74,51 @@ class NgramIndex:
 class Corpus:
     """Token sequences other than the row's own, searchable by :class:`NgramIndex`, ``max_tokens`` at most.
 
-    Sequences are stored back to back with a separator (-1) that no n-gram crosses and no continuation
-    runs past. When full, the oldest half is dropped and the index rebuilt (amortised O(1) per token).
+    Two generations, each an :class:`NgramIndex` of at most ``max_tokens // 2`` tokens: a new sequence goes
+    into the young one, and when that is full the old generation is dropped whole and the young one takes its
+    place. Every token is indexed once and eviction re-indexes nothing (dropping the oldest half and
+    re-indexing the rest put ~512k tokens through the index on the decode thread), the oldest still going first. Sequences are stored back
+    to back with a separator (-1): an n-gram across it holds -1, which no suffix of real tokens matches, and
+    continuations are cut there.
     """
 
     SEPARATOR = -1
 
     def __init__(self, max_tokens: int = 1 << 20, max_n: int = 8):
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2 (two generations of max_tokens // 2), got {max_tokens}")
         self.max_tokens = max_tokens
-        self.sequences: list[list[int]] = []
-        self.index = NgramIndex(max_n)
+        self.generation_tokens = max_tokens // 2
+        self.max_n = max_n
+        self.young, self.old = NgramIndex(max_n), NgramIndex(max_n)
+        self.sizes = [0, 0]  # tokens held by the young and the old generation, separators not counted
 
     def __len__(self) -> int:
-        return sum(map(len, self.sequences))
+        return sum(self.sizes)
 
     def add(self, tokens: list[int]) -> None:
-        tokens = [int(t) for t in tokens][-self.max_tokens:]
+        tokens = [int(t) for t in tokens][-self.generation_tokens:]
         if not tokens:
             return
-        self.sequences.append(tokens)
-        if len(self.index) + len(tokens) + 1 > 2 * self.max_tokens or len(self) > self.max_tokens:
-            self._evict()
-        else:
-            self._index(tokens)
-
-    def _index(self, tokens: list[int]) -> None:
-        # n-grams never span the separator: index the sequence alone, then shift its positions
-        offset = len(self.index.tokens)
-        alone = NgramIndex(self.index.max_n)
-        alone.extend(tokens)
-        for gram, ends in alone.ends.items():
-            self.index.ends.setdefault(gram, []).extend(e + offset for e in ends)
-        self.index.tokens += tokens + [self.SEPARATOR]
-
-    def _evict(self) -> None:
-        kept, total = [], 0
-        for tokens in reversed(self.sequences):
-            if total + len(tokens) > self.max_tokens // 2 and kept:
-                break
-            kept.append(tokens)
-            total += len(tokens)
-        self.sequences = kept[::-1]
-        self.index = NgramIndex(self.index.max_n)
-        for tokens in self.sequences:
-            self._index(tokens)
+        if self.sizes[0] + len(tokens) > self.generation_tokens:
+            self.young, self.old = NgramIndex(self.max_n), self.young
+            self.sizes = [0, self.sizes[0]]
+        self.young.extend(tokens + [self.SEPARATOR])
+        self.sizes[0] += len(tokens)
 
     def continuations(self, suffix: list[int], depth: int, max_matches: int,
                       min_n: int) -> tuple[int, list[list[int]]]:
-        n, found = self.index.continuations(suffix, depth, max_matches, min_n)
-        found = [c[:c.index(self.SEPARATOR)] if self.SEPARATOR in c else c for c in found]
-        return n, [c for c in found if c]
+        """As :meth:`NgramIndex.continuations` over both generations: the longest match, most recent first."""
+        best, found = 0, []
+        for index in (self.young, self.old):
+            n, more = index.continuations(suffix, depth, max_matches, min_n)
+            more = [c[:c.index(self.SEPARATOR)] if self.SEPARATOR in c else c for c in more]
+            more = [c for c in more if c]
+            if more and n > best:
+                best, found = n, more
+            elif more and n == best:
+                found += more
+        return best, found[:max_matches]
 
 
 @dataclass

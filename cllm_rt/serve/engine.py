@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import itertools
 import logging
 import threading
@@ -26,6 +27,27 @@ log = logging.getLogger("cllm_rt.serve")
 
 
 CORPUS_MODES = ("off", "shared")
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): freed memory goes back as that allocator decides
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def give_back_free_memory() -> None:
+    """Return the allocator's free pages to the system once the batch is empty.
+
+    glibc keeps what freed tensors occupied (KV caches of many batch shapes) in its arenas, so a server that
+    served a burst stays at the burst's size while idle (measured with bench_faults.py: 997 MB at the start,
+    ~3,250 MB under 4 clients, 3,210 MB idle afterwards, 972 MB after a trim: caching, not a leak).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Unavailable(Exception):
@@ -206,6 +228,8 @@ class Engine:
                 self._fail(list(self._active), client_message(error))
             finally:
                 decoder.__exit__(None, None, None)
+                del decoder  # its cache goes now, so the trim below can hand its pages back
+                give_back_free_memory()
 
     def _decode(self, decoder: Decoder) -> None:
         """Step the batch until no row is left, letting requests join and leave between steps."""

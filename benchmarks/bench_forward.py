@@ -1,0 +1,188 @@
+"""What a wider forward costs: one forward of n tokens after ``--context`` cached ones, against n = 1.
+
+SmolLM2-135M-Instruct (``cllm_rt.models``), batch 1. For each thread count and weight dtype, in interleaved
+rounds (the sizes shuffled every round, medians reported):
+
+* **HF**: ``model(block, past_key_values=DynamicCache)`` with its full logits, the cache cropped back after
+  each call (what HF's assisted generation pays per verify);
+* **cllm_rt**: the runtime's own step, ``forward_block`` over the static ``JacobiCache`` with attention routed
+  to ``ops.block_attention``, then ``greedy_verify`` (the fused LM-head argmax: no ``[n, V]`` logits);
+* **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
+  head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
+  call each), to show where the forward's growth with n comes from;
+* **weight-read limit**: the bytes of every weight the forward reads, divided by the memory bandwidth measured
+  in the same run at the same thread count (``torch.sum`` over a buffer larger than the caches): the floor a
+  forward of few tokens approaches when reading the weights is all it does.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_forward.py [--threads 1 2] [--dtypes float32 bfloat16]
+        [--sizes 1 2 4 8 16 32 64] [--context 256] [--rounds 9] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from cllm_rt import ops
+from cllm_rt.models import load_model
+from cllm_rt.runtime.attention import jacobi_attention
+from cllm_rt.runtime.cache import JacobiCache
+from cllm_rt.runtime.step import forward_block, greedy_verify, prefill
+
+NAME = "smollm2-135m-instruct"
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bandwidth_gbs(rounds: int = 5) -> float:
+    """Bytes per second that ``torch.sum`` streams from a 1 GiB float32 buffer (median of ``rounds``)."""
+    buffer = torch.ones(1 << 28)
+    buffer.sum()
+    return buffer.numel() * 4 / statistics.median(_seconds(buffer.sum) for _ in range(rounds)) / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes a forward reads of the weights: every parameter once (tied embeddings once, as the LM head: the
+    input embedding reads only n rows)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def linear_groups(model) -> list[list[torch.Tensor]]:
+    """Each decoder layer's weights grouped by the input they share, then the LM head."""
+    groups = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups += [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [attn.o_proj.weight],
+                   [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.down_proj.weight]]
+    return groups + [[model.get_output_embeddings().weight]]
+
+
+def variants(model, context: int, dtype: torch.dtype):
+    """name -> fn(n) running one measured call for n new tokens."""
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
+    hf_cache = DynamicCache(config=model.config)
+    model(prompt, past_key_values=hf_cache, use_cache=True)
+    ours = JacobiCache(model.config.num_hidden_layers, torch.zeros(1, dtype=torch.int64), context + 128)
+    with jacobi_attention(model):
+        prefill(model, ours, prompt, torch.tensor([context]))
+    groups = linear_groups(model)
+    inputs = {}
+
+    def block(n):
+        return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+
+    def hf(n):
+        model(block(n), past_key_values=hf_cache, use_cache=True)
+        hf_cache.crop(-n)  # transformers 5.25: a negative count of tokens to drop
+
+    def cllm_rt(n):
+        with jacobi_attention(model):
+            tokens = block(n)
+            greedy_verify(model, forward_block(model, ours, tokens), tokens)
+
+    def x(n, width):
+        if (n, width) not in inputs:
+            inputs[n, width] = torch.randn(n, width, dtype=dtype)
+        return inputs[n, width]
+
+    def torch_linears(n):
+        for group in groups:
+            for w in group:
+                F.linear(x(n, w.shape[1]), w)
+
+    def ops_linears(n):
+        for group in groups:
+            ops.linear(x(n, group[0].shape[1]), group)
+
+    return {"HF": hf, "cllm_rt": cllm_rt, "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
+
+
+def measure(threads: int, dtype_name: str, sizes: list[int], context: int, rounds: int) -> dict:
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    model, _ = load_model(NAME, dtype=dtype)
+    model.eval()
+    limit_ms = weight_bytes(model) / (bandwidth_gbs() * 1e9) * 1e3
+    with torch.inference_mode():
+        fns = variants(model, context, dtype)
+        times = {(name, n): [] for name in fns for n in sizes}
+        rng = random.Random(0)
+        for name in fns:  # warm-up: every shape once
+            for n in sizes:
+                fns[name](n)
+        for _ in range(rounds):
+            cases = list(times)
+            rng.shuffle(cases)
+            for name, n in cases:
+                times[name, n].append(_seconds(lambda: fns[name](n)) * 1e3)
+    medians = {f"{name}|{n}": statistics.median(t) for (name, n), t in times.items()}
+    return dict(threads=threads, dtype=dtype_name, weight_mb=weight_bytes(model) / 2**20,
+                weight_read_limit_ms=limit_ms, median_ms=medians)
+
+
+def table(result: dict, names: list[str], sizes: list[int]) -> str:
+    lines = [f"\n{result['dtype']}, {result['threads']} thread(s): weight-read limit "
+             f"{result['weight_read_limit_ms']:.1f} ms ({result['weight_mb']:.0f} MiB of weights)",
+             "| n | " + " | ".join(f"{name} ms (x n=1)" for name in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for n in sizes:
+        cells = []
+        for name in names:
+            ms, one = result["median_ms"][f"{name}|{n}"], result["median_ms"][f"{name}|1"]
+            cells.append(f"{ms:.1f} ({ms / one:.2f})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    one = result["median_ms"]["cllm_rt|1"]
+    lines.append(f"one-token cllm_rt forward at {result['weight_read_limit_ms'] / one:.0%} of the weight-read limit")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--context", type=int, default=256, help="cached tokens before the block")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if 1 not in args.sizes or max(args.sizes) > 128:
+        parser.error("--sizes must include 1 (the ratios' base) and stay <= 128")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    info = dict(cpu=cpu, avx512="avx512f" in open("/proc/cpuinfo").read(), torch=torch.__version__,
+                load_average=os.getloadavg())
+    results = []
+    for threads in args.threads:
+        for dtype in args.dtypes:
+            results.append(measure(threads, dtype, args.sizes, args.context, args.rounds))
+            print(table(results[-1], ["HF", "cllm_rt", "linears F.linear", "linears ops.linear"], args.sizes),
+                  flush=True)
+    info["load_average_after"] = os.getloadavg()
+    print(f"machine: {cpu} (AVX-512: {info['avx512']}), torch {torch.__version__}, load average "
+          f"{info['load_average'][0]:.2f} before, {info['load_average_after'][0]:.2f} after")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, settings=vars(args), results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
