@@ -22,6 +22,11 @@ from cllm_rt.demo.data import load_math, prompt_tokens
 from cllm_rt.models import load_model
 
 
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -87,8 +92,8 @@ def main():
         print(f"{name:28} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} {tpf:>7} {r['same_as_hf_greedy']}")
     result = {"rows": rows, "head": draft_head.describe(head), "head_accepted": head_accepted,
               "head_proposed": head_proposed, "prompts": len(examples) - 1, "max_new_tokens": new,
-              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "conditions": "float32, batch 1, one interleaved run, shared 2-core machine (other helpers busy)"}
+              "machine": cpu_name(), "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
+              "conditions": "float32, batch 1, one interleaved run"}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     if args.json:
         with open(args.json, "w") as f:

@@ -93,7 +93,7 @@ def main():
               "held_out": head_accuracy(head, lm_head, x_eval, y_eval),
               "held_out_untrained": untrained, "train_positions": len(x_train), "seconds": time.perf_counter() - start,
               "args": vars(args), "description": draft_head.describe(head),
-              "conditions": "1 thread, shared 2-core machine (other helpers busy), float32"}
+              "conditions": f"{torch.get_num_threads()} thread(s), float32", "load_average_after": os.getloadavg()}
     print(json.dumps(result, indent=1), flush=True)
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)

@@ -404,6 +404,22 @@ def test_greedy_verify(device, rows, with_bias, monkeypatch):
     assert bool(fused_calls) == fuses
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
+def test_greedy_verify_keeps_bf16_on_the_linear_layer_where_the_cpu_has_amx(amx, monkeypatch):
+    hidden, weight = torch.randn(2, 8, 16, dtype=torch.bfloat16), torch.randn(40, 16, dtype=torch.bfloat16)
+    block = torch.zeros(2, 8, dtype=torch.int64)
+    monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: amx)
+    fused_calls = []
+    fused = ops.lm_head_argmax
+    monkeypatch.setattr(ops, "lm_head_argmax", lambda h, w: fused_calls.append(1) or fused(h, w))
+    greedy, _ = ops.greedy_verify(hidden, weight, None, block)
+    assert bool(fused_calls) == (not amx)
+    if amx:  # the linear layer's bf16 logits, as HF's bf16 generate compares them
+        assert torch.equal(greedy, F.linear(hidden, weight).argmax(-1))
+    ops.greedy_verify(hidden.float(), weight.float(), None, block)  # float32 fuses whatever the CPU
+    assert len(fused_calls) == 1 + (not amx)
+
+
 def test_greedy_verify_checks_block():
     hidden, weight = torch.randn(2, 8, 16), torch.randn(40, 16)
     for block, error in ((torch.zeros(2, 7, dtype=torch.int64), ValueError),
