@@ -10,21 +10,16 @@ method's output equals HF greedy's.
 import argparse
 import json
 import os
-import platform
 import random
 import time
 
 import torch
 
 import cllm_rt
+from bench_decoding import machine
 from cllm_rt import draft_head
 from cllm_rt.demo.data import load_math, prompt_tokens
 from cllm_rt.models import load_model
-
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor() or platform.machine())
 
 
 def main():
@@ -92,7 +87,7 @@ def main():
         print(f"{name:28} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} {tpf:>7} {r['same_as_hf_greedy']}")
     result = {"rows": rows, "head": draft_head.describe(head), "head_accepted": head_accepted,
               "head_proposed": head_proposed, "prompts": len(examples) - 1, "max_new_tokens": new,
-              "machine": cpu_name(), "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
+              "machine": machine()["cpu"], "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
               "conditions": "float32, batch 1, one interleaved run"}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     if args.json:

@@ -31,7 +31,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 
 import argparse
 import collections
-import ctypes
 import gc
 import json
 import random
@@ -63,9 +62,9 @@ def _state(engine) -> dict:
 
 
 def _trimmed_mb() -> float:
-    """Resident memory once glibc has handed its free pages back: what a leak keeps and allocator caching does
-    not (freed tensors of many batch shapes stay in malloc's arenas and count as resident until trimmed)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    """Resident memory once the allocator has handed its free pages back (the engine's own trim): what a leak
+    keeps and allocator caching does not."""
+    serve.engine.give_back_free_memory()
     return round(_resident_mb(), 1)
 
 

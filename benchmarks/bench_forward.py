@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -31,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from bench_decoding import machine
 
 from cllm_rt import ops
 from cllm_rt.models import load_model
@@ -121,7 +122,8 @@ def measure(threads: int, dtype_name: str, sizes: list[int], context: int, round
     dtype = getattr(torch, dtype_name)
     model, _ = load_model(NAME, dtype=dtype)
     model.eval()
-    limit_ms = weight_bytes(model) / (bandwidth_gbs() * 1e9) * 1e3
+    weights = weight_bytes(model)
+    limit_ms = weights / (bandwidth_gbs() * 1e9) * 1e3
     with torch.inference_mode():
         fns = variants(model, context, dtype)
         times = {(name, n): [] for name in fns for n in sizes}
@@ -135,7 +137,7 @@ def measure(threads: int, dtype_name: str, sizes: list[int], context: int, round
             for name, n in cases:
                 times[name, n].append(_seconds(lambda: fns[name](n)) * 1e3)
     medians = {f"{name}|{n}": statistics.median(t) for (name, n), t in times.items()}
-    return dict(threads=threads, dtype=dtype_name, weight_mb=weight_bytes(model) / 2**20,
+    return dict(threads=threads, dtype=dtype_name, weight_mb=weights / 2**20,
                 weight_read_limit_ms=limit_ms, median_ms=medians)
 
 
@@ -166,10 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     if 1 not in args.sizes or max(args.sizes) > 128:
         parser.error("--sizes must include 1 (the ratios' base) and stay <= 128")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    info = dict(cpu=cpu, avx512="avx512f" in open("/proc/cpuinfo").read(), torch=torch.__version__,
-                load_average=os.getloadavg())
+    info = machine()
     results = []
     for threads in args.threads:
         for dtype in args.dtypes:
@@ -177,7 +176,7 @@ def main() -> None:
             print(table(results[-1], ["HF", "cllm_rt", "linears F.linear", "linears ops.linear"], args.sizes),
                   flush=True)
     info["load_average_after"] = os.getloadavg()
-    print(f"machine: {cpu} (AVX-512: {info['avx512']}), torch {torch.__version__}, load average "
+    print(f"machine: {info['cpu']} (AVX-512: {info['avx512']}), torch {torch.__version__}, load average "
           f"{info['load_average'][0]:.2f} before, {info['load_average_after'][0]:.2f} after")
     if args.json:
         with open(args.json, "w") as f:

@@ -77,9 +77,9 @@ class Corpus:
     Two generations, each an :class:`NgramIndex` of at most ``max_tokens // 2`` tokens: a new sequence goes
     into the young one, and when that is full the old generation is dropped whole and the young one takes its
     place. Every token is indexed once and eviction re-indexes nothing (dropping the oldest half and
-    re-indexing the rest put ~512k tokens through the index on the decode thread), the oldest still going first. Sequences are stored back
-    to back with a separator (-1): an n-gram across it holds -1, which no suffix of real tokens matches, and
-    continuations are cut there.
+    re-indexing the rest put ~512k tokens through the index on the decode thread); the oldest still go first.
+    Sequences are stored back to back with a separator (-1): an n-gram across it holds -1, which no suffix of
+    real tokens matches, and continuations are cut there.
     """
 
     SEPARATOR = -1
