@@ -5,7 +5,7 @@ rounds (the sizes shuffled every round, medians reported):
 
 * **HF**: ``model(block, past_key_values=DynamicCache)`` with its full logits, the cache cropped back after
   each call (what HF's assisted generation pays per verify);
-* **cllm_rt**: the runtime's own step, ``forward_block`` over the static ``JacobiCache`` with attention routed
+* **cllm_rt**: the runtime's own step, ``forward_block`` over the paged ``JacobiCache`` with attention routed
   to ``ops.block_attention``, then ``greedy_verify`` (the fused LM-head argmax: no ``[n, V]`` logits);
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one

@@ -52,7 +52,7 @@ CUSTOM_GENERATE_DIR = str(pathlib.Path(__file__).with_name("hf_generate"))
 
 # Criteria whose verdict is a function of the tokens alone (exact types: a subclass may read the scores).
 _TOKEN_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, StopStringCriteria)
-# What HF prepares for its own forward passes; the runtime makes its own (unpadded rows, a static cache).
+# What HF prepares for its own forward passes; the runtime makes its own (unpadded rows, a paged cache).
 _PREPARED_INPUTS = {"attention_mask", "position_ids", "cache", "use_cache", "logits_to_keep"}
 # The warpers HF adds for do_sample=True; the runtime applies the same from the generation config.
 _SAMPLING_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)

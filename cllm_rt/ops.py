@@ -49,6 +49,8 @@ _INT32_MAX = 2**31 - 1
 # extension there is no limit to check.
 MAX_HEAD_DIM = _C.MAX_HEAD_DIM if _C is not None else None
 MAX_TREE_NODES = _C.MAX_TREE_NODES if _C is not None else None
+# A paged KV cache's page size must be a multiple of this (the CUDA kernel's key tile).
+PAGE_SIZE_MULTIPLE = _C.PAGE_SIZE_MULTIPLE if _C is not None else None
 
 # The fused LM-head argmax pays off from about 8 rows (B*n) on: on the 2-core development CPU
 # (benchmarks/bench_head.py, vocab 32k and 128k, d=1024) it was 1.4-4.8x faster than linear + jacobi_verify
@@ -123,8 +125,10 @@ def _check_jacobi_verify(logits, block):
         raise ValueError(f"logits must have n >= 1 and 1 <= V < 2**31 - 1, got shape {tuple(logits.shape)}")
 
 
-def _check_attention(q, k_cache, v_cache, cache_lens):
+def _check_attention(q, k_cache, v_cache, cache_lens, page_table=None) -> int:
+    """The attention ops' arguments (see block_attention); returns S_max, the positions a row can hold."""
     _check_tensor("q", q, 4, _FLOAT_DTYPES)
+    layout = "[B, Hkv, S_max, D]" if page_table is None else "[num_pages, Hkv, page_size, D]"
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x, 4, (q.dtype,))
         _check_same_device(name, x, "q", q)
@@ -132,8 +136,8 @@ def _check_attention(q, k_cache, v_cache, cache_lens):
             raise ValueError(f"{name} must be contiguous")
     B, Hq, n, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache must have shape [B={B}, Hkv, S_max, D={D}], "
+    if k_cache.shape[3] != D or (page_table is None and k_cache.shape[0] != B):
+        raise ValueError(f"k_cache must be {layout} with q's {'D' if page_table is not None else 'B and D'}, "
                          f"got {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
@@ -143,12 +147,22 @@ def _check_attention(q, k_cache, v_cache, cache_lens):
     if n == 0 or D == 0 or (MAX_HEAD_DIM is not None and D > MAX_HEAD_DIM):
         raise ValueError(f"q must have n >= 1 and 1 <= D{_at_most(MAX_HEAD_DIM)}, "
                          f"got shape {tuple(q.shape)}")
+    if page_table is not None:
+        if k_cache.shape[0] == 0 or S_max == 0 or S_max % (PAGE_SIZE_MULTIPLE or 1):
+            raise ValueError(f"a paged k_cache needs num_pages >= 1 and a page_size that is a multiple of "
+                             f"{PAGE_SIZE_MULTIPLE or 1}, got {tuple(k_cache.shape)}")
+        _check_tensor("page_table", page_table, 2, (torch.int64,))
+        _check_same_device("page_table", page_table, "q", q)
+        if page_table.shape[0] != B or page_table.shape[1] == 0:
+            raise ValueError(f"page_table must be [B = {B}, pages_per_row >= 1], got {tuple(page_table.shape)}")
+        S_max *= page_table.shape[1]
     if S_max < n:
-        raise ValueError(f"k_cache's S_max = {S_max} must be at least the block length n = {n}")
+        raise ValueError(f"the cache's S_max = {S_max} must be at least the block length n = {n}")
     _check_tensor("cache_lens", cache_lens, 1, (torch.int32, torch.int64))
     _check_same_device("cache_lens", cache_lens, "q", q)
     if cache_lens.shape[0] != B:
         raise ValueError(f"cache_lens must have shape [B={B}], got {tuple(cache_lens.shape)}")
+    return S_max
 
 
 def _at_most(limit):
@@ -160,10 +174,11 @@ def _check_tree_nodes(op, n):
         raise ValueError(f"{op}: a tree must have 1 <= n{_at_most(MAX_TREE_NODES)} nodes, got n = {n}")
 
 
-def _check_tree_attention(q, k_cache, v_cache, cache_lens, parents):
-    _check_attention(q, k_cache, v_cache, cache_lens)
+def _check_tree_attention(q, k_cache, v_cache, cache_lens, parents, page_table=None) -> int:
+    S_max = _check_attention(q, k_cache, v_cache, cache_lens, page_table)
     _check_tree_nodes("tree_attention", q.shape[2])
     _check_index_matrix("parents", parents, (q.shape[0], q.shape[2]), "q", q)
+    return S_max
 
 
 def _check_tree_verify(greedy, tokens, parents):
@@ -214,6 +229,21 @@ def _check_cache_lens_values(op, cache_lens, n, S_max):
                          f"S_max = {S_max} (n = {n}), got values in [{lo}, {hi}]")
 
 
+def _check_kv_values(op, cache_lens, n, S_max, page_table, num_pages):
+    _check_cache_lens_values(op, cache_lens, n, S_max)
+    if page_table is not None:
+        _check_page_table_values(op, page_table, num_pages)
+
+
+def _check_page_table_values(op, page_table, num_pages):
+    if page_table.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(page_table))
+    if lo < 0 or hi >= num_pages:
+        raise ValueError(f"{op}: page_table must satisfy 0 <= page_table[b, j] < num_pages = {num_pages}, "
+                         f"got values in [{lo}, {hi}]")
+
+
 def _check_parents_values(op, parents):
     if parents.numel() == 0:
         return
@@ -255,7 +285,18 @@ def _masked_attention_reference(q, k_cache, v_cache, visible, scale):
     return (probs @ v).to(q.dtype)
 
 
-def block_attention_reference(q, k_cache, v_cache, cache_lens, scale=None):
+def unpage(cache, page_table):
+    """A paged cache [num_pages, Hkv, page_size, D] as the dense [B, Hkv, S_max, D] that page_table
+    [B, pages] describes (S_max = pages * page_size); a dense cache (page_table None) as it is."""
+    if page_table is None:
+        return cache
+    B, pages = page_table.shape
+    _, Hkv, page_size, D = cache.shape
+    return cache[page_table].transpose(1, 2).reshape(B, Hkv, pages * page_size, D)
+
+
+def block_attention_reference(q, k_cache, v_cache, cache_lens, scale=None, page_table=None):
+    k_cache, v_cache = unpage(k_cache, page_table), unpage(v_cache, page_table)
     B, _, n, _ = q.shape
     S_max = k_cache.shape[2]
     last = cache_lens.view(B, 1, 1) + torch.arange(n, device=q.device).view(1, n, 1)
@@ -274,7 +315,8 @@ def tree_ancestors(parents):
     return ancestors
 
 
-def tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale=None):
+def tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale=None, page_table=None):
+    k_cache, v_cache = unpage(k_cache, page_table), unpage(v_cache, page_table)
     B, _, n, _ = q.shape
     S_max = k_cache.shape[2]
     positions = torch.arange(S_max, device=q.device)
@@ -334,7 +376,8 @@ def jacobi_verify(logits: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tens
 
 
 def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    cache_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                    cache_lens: torch.Tensor, scale: float | None = None,
+                    page_table: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a block of n queries against a ragged KV cache.
 
     q [B, Hq, n, D] (any strides), k_cache/v_cache [B, Hkv, S_max, D] contiguous with
@@ -342,18 +385,24 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     int32/int64 with 0 <= cache_lens[b] <= S_max - n. Query i of row b attends to
     positions 0 .. cache_lens[b]+i; q head h uses KV head h // (Hq // Hkv); D <=
     MAX_HEAD_DIM. Returns [B, Hq, n, D] contiguous in q's dtype.
+
+    Paged caches: with page_table int64 [B, pages], k_cache/v_cache are pages
+    [num_pages, Hkv, page_size, D] (page_size a multiple of PAGE_SIZE_MULTIPLE) and row
+    b's position s lies at page page_table[b, s // page_size], offset s % page_size;
+    S_max = pages * page_size. Rows then own only the pages they use
+    (:class:`cllm_rt.runtime.cache.JacobiCache`).
     """
-    _check_attention(q, k_cache, v_cache, cache_lens)
+    S_max = _check_attention(q, k_cache, v_cache, cache_lens, page_table)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _native_kernel_for(q.device):
-        return torch.ops.cllm_rt.block_attention(q, k_cache, v_cache, cache_lens, scale)
-    _check_cache_lens_values("block_attention", cache_lens, q.shape[2], k_cache.shape[2])
-    return block_attention_reference(q, k_cache, v_cache, cache_lens, scale)
+        return torch.ops.cllm_rt.block_attention(q, k_cache, v_cache, cache_lens, scale, page_table)
+    _check_kv_values("block_attention", cache_lens, q.shape[2], S_max, page_table, k_cache.shape[0])
+    return block_attention_reference(q, k_cache, v_cache, cache_lens, scale, page_table)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cache_lens: torch.Tensor, parents: torch.Tensor,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, page_table: torch.Tensor | None = None) -> torch.Tensor:
     """block_attention for a block whose n tokens form a token tree (or a forest).
 
     parents [B, n] int64: parents[b, i] is node i's parent, -1 for a root, and nodes are
@@ -364,16 +413,16 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     i - 1) is exactly block_attention. n <= MAX_TREE_NODES. Padding for rows with fewer
     nodes: make the padded nodes roots (parent -1); they attend to the cache and
     themselves, tree_verify never accepts them, and their outputs are to be ignored.
-    Other arguments and the result as in block_attention; the nodes' positions for
-    rotary embeddings (cache_lens[b] + depth) are the caller's.
+    Other arguments (dense or paged caches) and the result as in block_attention; the
+    nodes' positions for rotary embeddings (cache_lens[b] + depth) are the caller's.
     """
-    _check_tree_attention(q, k_cache, v_cache, cache_lens, parents)
+    S_max = _check_tree_attention(q, k_cache, v_cache, cache_lens, parents, page_table)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _native_kernel_for(q.device):
-        return torch.ops.cllm_rt.tree_attention(q, k_cache, v_cache, cache_lens, parents, scale)
-    _check_cache_lens_values("tree_attention", cache_lens, q.shape[2], k_cache.shape[2])
+        return torch.ops.cllm_rt.tree_attention(q, k_cache, v_cache, cache_lens, parents, scale, page_table)
+    _check_kv_values("tree_attention", cache_lens, q.shape[2], S_max, page_table, k_cache.shape[0])
     _check_parents_values("tree_attention", parents)
-    return tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale)
+    return tree_attention_reference(q, k_cache, v_cache, cache_lens, parents, scale, page_table)
 
 
 def tree_verify(greedy: torch.Tensor, tokens: torch.Tensor,
@@ -591,11 +640,11 @@ if _C is not None:
         return block.new_empty((B, n)), block.new_empty((B,))
 
     @torch.library.register_fake("cllm_rt::block_attention")
-    def _(q, k_cache, v_cache, cache_lens, scale):
+    def _(q, k_cache, v_cache, cache_lens, scale, page_table=None):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("cllm_rt::tree_attention")
-    def _(q, k_cache, v_cache, cache_lens, parents, scale):
+    def _(q, k_cache, v_cache, cache_lens, parents, scale, page_table=None):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("cllm_rt::tree_verify")

@@ -1,6 +1,7 @@
 // The checks that need more than a header (checks.h): value checks of the ops' index
-// tensors (cache_lens, parents), the same rejection on every device with one host sync
-// per tensor rather than one per call on a GPU, and tree_verify's argument setup.
+// tensors (cache_lens, parents, page_table), the same rejection on every device with
+// one host sync per tensor rather than one per call on a GPU, and tree_verify's
+// argument setup.
 //
 // Why a memo and not a sync per call: the decoding loop calls an attention op once per
 // layer, every layer with the same cache_lens (and parents) tensor. Reading values back
@@ -30,7 +31,7 @@ namespace {
 
 using Summary = std::pair<int64_t, int64_t>;  // two int64 numbers a check condition reads
 
-enum class Kind { kCacheLens, kParents };
+enum class Kind { kCacheLens, kParents, kPageTable };
 
 // On the host, whatever the device: the tensors are small (B or B * n values), so a
 // copy costs one sync like a device reduction would, and a loop costs less than ATen ops.
@@ -41,8 +42,8 @@ Summary summarize(Kind kind, const at::Tensor& x) {
   Summary summary{v[0], v[0]};  // element 0: parents[b, 0] - 0
   for (int64_t e = 0; e < host.numel(); ++e) {
     summary.first = std::min(summary.first, v[e]);
-    // cache_lens: (min, max); parents: (min parents[b, i], max parents[b, i] - i)
-    summary.second = std::max(summary.second, kind == Kind::kCacheLens ? v[e] : v[e] - e % width);
+    // cache_lens, page_table: (min, max); parents: (min parents[b, i], max parents[b, i] - i)
+    summary.second = std::max(summary.second, kind != Kind::kParents ? v[e] : v[e] - e % width);
   }
   return summary;
 }
@@ -101,6 +102,13 @@ int64_t check_cache_lens_values(const char* op, const at::Tensor& cache_lens, in
                     ": cache_lens must satisfy 0 <= cache_lens[b] and cache_lens[b] + n <= S_max = ",
                     S_max, " (n = ", n, "), got values in [", lo, ", ", hi, "]");
   return hi;
+}
+
+void check_page_table_values(const char* op, const at::Tensor& page_table, int64_t num_pages) {
+  const auto [lo, hi] = memo().get(Kind::kPageTable, page_table);
+  TORCH_CHECK_VALUE(page_table.numel() == 0 || (lo >= 0 && hi < num_pages), op,
+                    ": page_table must satisfy 0 <= page_table[b, j] < num_pages = ", num_pages,
+                    ", got values in [", lo, ", ", hi, "]");
 }
 
 void check_parents_values(const char* op, const at::Tensor& parents) {

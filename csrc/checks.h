@@ -78,23 +78,29 @@ inline void check_gumbel_argmax(const at::Tensor& logits, const at::Tensor& seed
   check_same_device("gumbel_argmax", "temperature", temperature, logits);
 }
 
-// block_attention and tree_attention: q [B, Hq, n, D], k/v caches [B, Hkv, S_max, D],
-// cache_lens [B]. The values of cache_lens are checked by check_cache_lens_values.
-inline void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& cache_lens) {
+// block_attention and tree_attention: q [B, Hq, n, D], cache_lens [B], and k/v caches
+// either dense, [B, Hkv, S_max, D], or paged, [num_pages, Hkv, page_size, D] with
+// page_table int64 [B, pages_per_row] (row b's position s in page page_table[b, s /
+// page_size]; S_max = pages_per_row * page_size). Returns S_max. The values of
+// cache_lens and page_table are checked by check_cache_lens_values and
+// check_page_table_values.
+inline int64_t check_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                               const std::optional<at::Tensor>& page_table) {
   check_float(op, "q", q);
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Hq, n, D], got ", q.sizes());
+  const char* layout = page_table.has_value() ? "[num_pages, Hkv, page_size, D]" : "[B, Hkv, S_max, D]";
   for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
     TORCH_CHECK_TYPE(x->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
                      q.scalar_type(), ", got ", x->scalar_type());
-    TORCH_CHECK_VALUE(x->dim() == 4, op, ": ", name, " must be [B, Hkv, S_max, D], got ",
-                      x->sizes());
+    TORCH_CHECK_VALUE(x->dim() == 4, op, ": ", name, " must be ", layout, ", got ", x->sizes());
     check_same_device(op, name, *x, q);
     TORCH_CHECK_VALUE(x->is_contiguous(), op, ": ", name, " must be contiguous");
   }
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
-  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op,
-                    ": k_cache must be [B, Hkv, S_max, D] with q's B and D, got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(3) == D && (page_table.has_value() || k_cache.size(0) == B), op,
+                    ": k_cache must be ", layout, " with q's ", page_table.has_value() ? "D" : "B and D",
+                    ", got ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
                     k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t Hkv = k_cache.size(1);
@@ -102,13 +108,27 @@ inline void check_attention(const char* op, const at::Tensor& q, const at::Tenso
                     " must be a positive multiple of k_cache's ", Hkv);
   TORCH_CHECK_VALUE(n > 0 && D > 0 && D <= kMaxHeadDim, op, ": q must have n >= 1 and 1 <= D <= ",
                     kMaxHeadDim, ", got ", q.sizes());
-  TORCH_CHECK_VALUE(k_cache.size(2) >= n, op, ": k_cache's S_max = ", k_cache.size(2),
+  int64_t S_max = k_cache.size(2);
+  if (page_table.has_value()) {
+    const at::Tensor& table = *page_table;
+    TORCH_CHECK_VALUE(k_cache.size(0) > 0 && S_max > 0 && S_max % kPageSizeMultiple == 0, op,
+                      ": a paged k_cache needs num_pages >= 1 and a page_size that is a multiple of ",
+                      kPageSizeMultiple, ", got ", k_cache.sizes());
+    TORCH_CHECK_TYPE(table.scalar_type() == at::kLong, op, ": page_table must be int64, got ",
+                     table.scalar_type());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == B && table.size(1) > 0, op,
+                      ": page_table must be [B = ", B, ", pages_per_row >= 1], got ", table.sizes());
+    check_same_device(op, "page_table", table, q);
+    S_max *= table.size(1);
+  }
+  TORCH_CHECK_VALUE(S_max >= n, op, ": the cache's S_max = ", S_max,
                     " must be at least the block length n = ", n);
   TORCH_CHECK_TYPE(cache_lens.scalar_type() == at::kInt || cache_lens.scalar_type() == at::kLong,
                    op, ": cache_lens must be int32 or int64, got ", cache_lens.scalar_type());
   TORCH_CHECK_VALUE(cache_lens.dim() == 1 && cache_lens.size(0) == B, op,
                     ": cache_lens must have shape [B] = [", B, "], got ", cache_lens.sizes());
   check_same_device(op, "cache_lens", cache_lens, q);
+  return S_max;
 }
 
 inline void check_tree_nodes(const char* op, int64_t n) {
@@ -117,13 +137,15 @@ inline void check_tree_nodes(const char* op, int64_t n) {
 }
 
 // tree_attention: check_attention's arguments and parents, int64 [B, n] (its values by
-// check_parents_values).
-inline void check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                 const at::Tensor& parents) {
-  check_attention("tree_attention", q, k_cache, v_cache, cache_lens);
+// check_parents_values); returns S_max.
+inline int64_t check_tree_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                    const at::Tensor& parents,
+                                    const std::optional<at::Tensor>& page_table) {
+  const int64_t S_max = check_attention("tree_attention", q, k_cache, v_cache, cache_lens, page_table);
   check_tree_nodes("tree_attention", q.size(2));
   check_index_matrix("tree_attention", "parents", parents, q.size(0), q.size(2), q);
+  return S_max;
 }
 
 // tree_verify: greedy, tokens and parents, all int64 [B, n] on one device.
@@ -185,6 +207,9 @@ inline void check_linear(const at::Tensor& input, at::TensorList weights,
 // (-1 for B == 0).
 int64_t check_cache_lens_values(const char* op, const at::Tensor& cache_lens, int64_t n,
                                 int64_t S_max);
+
+// Rejects unless 0 <= page_table[b, j] < num_pages for every entry.
+void check_page_table_values(const char* op, const at::Tensor& page_table, int64_t num_pages);
 
 // Rejects unless -1 <= parents[b, i] < i for every node: a forest in topological
 // order, which rules out cycles and self-loops.

@@ -21,6 +21,32 @@ constexpr int64_t kMaxHeadDim = 256;
 // 64-bit mask, so visibility is a bit test in every kernel.
 constexpr int64_t kMaxTreeNodes = 64;
 
+// A paged KV cache's page size must be a multiple of this: the CUDA kernel loads keys
+// in tiles of 32 aligned positions, and a tile must never straddle two pages.
+constexpr int64_t kPageSizeMultiple = 32;
+
+// Where row b's cache position s lies in the attention ops' k/v caches. Dense caches
+// [B, Hkv, S_max, D] are the case of one page of S_max positions per row (page b);
+// paged caches [num_pages, Hkv, page_size, D] hold position s of row b in page
+// table[b * pages_per_row + s / page_size]. Pages are clamped into the cache, so a
+// kernel stays memory-safe on any table (the values are checked before any launch).
+struct KvPages {
+  const int64_t* table;  // nullptr: dense
+  int64_t pages_per_row, page_size, num_pages;
+
+  CLLM_RT_HOST_DEVICE int64_t page(int64_t b, int64_t s) const {
+    if (table == nullptr) return b;
+    const int64_t p = table[b * pages_per_row + s / page_size];
+    return p < 0 ? 0 : (p >= num_pages ? num_pages - 1 : p);
+  }
+  // Element offset of (row b, KV head h of Hkv, position s) for head dim D.
+  CLLM_RT_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t s, int64_t Hkv, int64_t D) const {
+    return ((page(b, s) * Hkv + h) * page_size + s % page_size) * D;
+  }
+  // Positions from s on that lie contiguously in s's page.
+  CLLM_RT_HOST_DEVICE int64_t run(int64_t s) const { return page_size - s % page_size; }
+};
+
 // A partial argmax; index < 0 means "nothing seen yet".
 template <typename acc_t>
 struct ArgMax {

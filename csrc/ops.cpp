@@ -13,16 +13,18 @@ TORCH_LIBRARY(cllm_rt, m) {
   // Greedy tokens argmax(logits, -1) [B, n] and accepted block length [B] (int64).
   m.def("jacobi_verify(Tensor logits, Tensor block) -> (Tensor, Tensor)");
   // Softmax attention of q [B, Hq, n, D] against k/v caches [B, Hkv, S_max, D], query i
-  // of row b seeing key positions 0 .. cache_lens[b] + i.
+  // of row b seeing key positions 0 .. cache_lens[b] + i. With page_table [B, pages],
+  // the caches are pages [num_pages, Hkv, page_size, D] and row b's position s lies in
+  // page page_table[b, s / page_size].
   m.def("block_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
-        "float scale) -> Tensor");
+        "float scale, Tensor? page_table=None) -> Tensor");
   // argmax(hidden @ weight.T, -1) [B, n] without materializing the logits.
   m.def("lm_head_argmax(Tensor hidden, Tensor weight) -> Tensor");
   // block_attention for a token tree: node i of row b (parents[b, i] its parent, -1 for
   // a root) sees cache positions 0 .. cache_lens[b] - 1 and the block positions of
   // itself and its ancestors.
   m.def("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
-        "Tensor parents, float scale) -> Tensor");
+        "Tensor parents, float scale, Tensor? page_table=None) -> Tensor");
   // The deepest node the greedy tokens confirm: (accepted [B], node [B], path [B, n]).
   // [input @ weights[i].T + biases[i]]: the linear layers of one input [..., K], each weight
   // [N_i, K] read once for all rows; a row's values do not depend on the other rows.
@@ -46,7 +48,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(m, "MAX_HEAD_DIM", cllm_rt::kMaxHeadDim) < 0 ||
-      PyModule_AddIntConstant(m, "MAX_TREE_NODES", cllm_rt::kMaxTreeNodes) < 0) {
+      PyModule_AddIntConstant(m, "MAX_TREE_NODES", cllm_rt::kMaxTreeNodes) < 0 ||
+      PyModule_AddIntConstant(m, "PAGE_SIZE_MULTIPLE", cllm_rt::kPageSizeMultiple) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cllm_rt
-from cllm_rt.runtime.cache import JacobiCache
 from cllm_rt.runtime.cost import StepCost, choose_budget
 from cllm_rt.runtime.drafts import AcceptanceStats, Corpus, DraftTree, NgramIndex
 from tiny_models import random_prompts, tiny_model
@@ -178,22 +177,6 @@ def test_step_cost_ignores_outliers_and_interpolates_unmeasured_sizes():
     # beyond: along the slope of the two largest sizes (0.001 per token) or the prior's, whichever is steeper
     prior = StepCost.PRIOR_SLOPE * 0.036 / (1 + StepCost.PRIOR_SLOPE * 16)
     assert cost.predict(32) == pytest.approx(0.036 + max(prior, 0.001) * 16)
-
-
-# ---------------------------------------------------------------- committing a path
-
-def test_commit_paths_moves_the_accepted_nodes_into_place():
-    cache = JacobiCache(num_layers=2, lengths=torch.tensor([3, 1]), max_len=12)
-    for layer in cache.layers:  # a position's key is its index, value its negative
-        layer.keys = torch.arange(12.0).repeat(2, 1, 1)[..., None].expand(2, 1, 12, 4).clone()
-        layer.values = -layer.keys.clone()
-        layer.is_initialized = True
-    cache.commit_paths([[0, 2, 5], [0, 1]], torch.tensor([3, 2]))
-    assert cache.lengths.tolist() == [6, 3] and cache.lengths_host == [6, 3]
-    for layer in cache.layers:
-        assert layer.keys[0, 0, 3:6, 0].tolist() == [3, 5, 8]  # nodes 0, 2, 5 of the block at 3
-        assert layer.values[0, 0, 3:6, 0].tolist() == [-3, -5, -8]
-        assert layer.keys[1, 0, 1:3, 0].tolist() == [1, 2]  # a chain prefix stays where it is
 
 
 # ---------------------------------------------------------------- exactness in float64

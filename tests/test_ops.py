@@ -227,6 +227,86 @@ def test_attention_refuses_what_shared_memory_cannot_hold(device, monkeypatch):
         ops.block_attention(q, k, v, lens)
 
 
+# ---------------------------------------------------------------- paged caches
+
+def _paged(cache, lens, n, page_size, seed=0):
+    """cache [B, Hkv, S, D] as shuffled pages [num_pages, Hkv, page_size, D] and its page table [B, pages]:
+    row b's pages are scattered among the pool (with spare pages of NaN no row owns), so a kernel that
+    ignored the table would read another row's keys or NaN."""
+    B, Hkv, S, D = cache.shape
+    pages = -(-(int(lens.max()) + n) // page_size)
+    dense = torch.full((B, Hkv, pages * page_size, D), float("nan"), dtype=cache.dtype, device=cache.device)
+    dense[:, :, :min(S, pages * page_size)] = cache[:, :, :pages * page_size]
+    num_pages = B * pages + 3
+    order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
+    table = order[:B * pages].view(B, pages).to(cache.device)
+    pool = torch.full((num_pages, Hkv, page_size, D), float("nan"), dtype=cache.dtype, device=cache.device)
+    pool[table] = dense.view(B, Hkv, pages, page_size, D).transpose(1, 2)
+    return pool, table
+
+
+PAGED_CASES = [  # B, Hq, Hkv, n, D, cache_lens, q_transposed, page_size
+    (3, 8, 2, 16, 128, [0, 97, 1025], True, 64),
+    (2, 4, 4, 3, 59, [5, 300], False, 32),
+    (2, 16, 2, 1, 64, [0, 31], False, 32),    # a row of one page, a row ending at a page's end
+    (1, 4, 2, 200, 64, [0], False, 96),       # a prefill over several pages
+    (1, 8, 8, 1, 128, [3000], True, 128),     # a long decode: many key splits on a GPU
+]
+
+
+@all_dtypes
+@pytest.mark.parametrize("tree", [False, True], ids=["block", "tree"])
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: "B{}-H{}/{}-n{}-D{}-P{}".format(*c[:5], c[7]))
+def test_paged_attention(device, dtype, tree, case):
+    *shape, page_size = case
+    q, k, v, lens = _attention_inputs(*shape, dtype, device)
+    n = q.shape[2]
+    k_pages, table = _paged(k, lens, n, page_size)
+    v_pages, _ = _paged(v, lens, n, page_size)
+    L = int(lens.max()) + n
+    k64, v64, q64 = k[:, :, :L].double().cpu(), v[:, :, :L].double().cpu(), q.double().cpu()
+    if tree:
+        if n > 64:
+            pytest.skip("a prefill is a chain: trees have at most 64 nodes")
+        parents = _random_parents([n] * q.shape[0], n).to(device)
+        out = ops.tree_attention(q, k_pages, v_pages, lens, parents, page_table=table)
+        reference = ops.tree_attention_reference(q64, k64, v64, lens.cpu(), parents.cpu())
+    else:
+        out = ops.block_attention(q, k_pages, v_pages, lens, page_table=table)
+        reference = ops.block_attention_reference(q64, k64, v64, lens.cpu())
+    assert out.shape == q.shape and out.dtype == dtype
+    atol, rtol = ATTENTION_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), reference, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_paged_attention_with_the_dense_tile_is_the_dense_result(device, dtype):
+    # Pages of 128 positions cut the keys where the dense kernels' tiles do (CPU: 128 keys, CUDA: 32), so
+    # the same products and softmax steps run in the same order: bit-identical outputs.
+    q, k, v, lens = _attention_inputs(2, 8, 2, 21, 64, [0, 300], True, dtype, device)
+    k_pages, table = _paged(k, lens, 21, 128)
+    v_pages, _ = _paged(v, lens, 21, 128)
+    assert torch.equal(ops.block_attention(q, k_pages, v_pages, lens, page_table=table),
+                       ops.block_attention(q, k, v, lens))
+
+
+def test_paged_reference_unpages(device):
+    q, k, v, lens = _attention_inputs(2, 4, 2, 5, 16, [40, 3], False, torch.float64, device)
+    k_pages, table = _paged(k, lens, 5, 32)
+    dense = ops.unpage(k_pages, table)
+    assert torch.equal(dense[:, :, :45], k[:, :, :45])
+
+
+def test_opcheck_paged(device):
+    q, k, v, lens = _attention_inputs(2, 4, 2, 3, 16, [40, 9], True, torch.float32, device)
+    k_pages, table = _paged(k, lens, 3, 32)
+    v_pages, _ = _paged(v, lens, 3, 32)
+    parents = torch.tensor([[-1, 0, 0], [-1, 0, 1]], device=device)
+    torch.library.opcheck(torch.ops.cllm_rt.block_attention.default, (q, k_pages, v_pages, lens, 0.25, table))
+    torch.library.opcheck(torch.ops.cllm_rt.tree_attention.default,
+                          (q, k_pages, v_pages, lens, parents, 0.25, table))
+
+
 # ---------------------------------------------------------------- tree_attention
 
 def _random_parents(real_nodes, n, forest=False):
@@ -477,6 +557,15 @@ def _attention_args(device, **change):
     return args
 
 
+def _paged_attention_args(device, **change):
+    q, k, v, lens = _attention_inputs(2, 8, 2, 4, 16, [3, 40], False, torch.float32, device)
+    k_pages, table = _paged(k, lens, 4, 32)
+    v_pages, _ = _paged(v, lens, 4, 32)
+    args = {"q": q, "k_cache": k_pages, "v_cache": v_pages, "cache_lens": lens, "page_table": table}
+    args.update(change)
+    return args
+
+
 def _tree_attention_args(device, **change):
     args = _attention_args(device)
     args["parents"] = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -1]], device=device)
@@ -531,6 +620,19 @@ BAD_INPUTS = [  # op, argument builder, changes, error, message fragment
      ValueError, "cache_lens"),
     ("block_attention", _attention_args, {"q": torch.randn(2, 8, 4, 300), **_kv(2, 2, 21, 300)},
      ValueError, "D <= 256"),
+    ("block_attention", _paged_attention_args, {"page_table": torch.zeros(2, 2, dtype=torch.int32)},
+     TypeError, "page_table"),
+    ("block_attention", _paged_attention_args, {"page_table": torch.zeros(3, 2, dtype=torch.int64)},
+     ValueError, "page_table"),
+    ("block_attention", _paged_attention_args, {"page_table": torch.zeros(2, 0, dtype=torch.int64)},
+     ValueError, "page_table"),
+    ("block_attention", _paged_attention_args, {"page_table": torch.tensor([[0, 1], [2, 7]])},
+     ValueError, "page_table"),    # page 7 of a pool of 7
+    ("block_attention", _paged_attention_args, {"page_table": torch.tensor([[0, 1], [-1, 2]])},
+     ValueError, "page_table"),
+    ("block_attention", _paged_attention_args, {"cache_lens": torch.tensor([3, 61])},
+     ValueError, "cache_lens"),    # 61 + 4 positions > 2 pages of 32
+    ("block_attention", _paged_attention_args, _kv(7, 2, 24, 16), ValueError, "page_size"),
     ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1]])},
      ValueError, "parents"),
     ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 0, 1]] * 2).int()},
@@ -582,11 +684,13 @@ def test_bad_inputs(op, make_args, change, error, fragment, native, monkeypatch)
 def test_cpp_checks_reject_what_python_rejects(op, make_args, change, error, fragment):
     # The C++ checks (csrc/checks.h) are the definition; called directly they must
     # refuse every input the Python wrapper refuses, with the same error type.
-    args = list(make_args("cpu", **change).values())
+    kwargs = make_args("cpu", **change)
+    table = kwargs.pop("page_table", None)
+    args = list(kwargs.values())
     if not all(isinstance(x, torch.Tensor) for x in args):
         pytest.skip("not a tensor: the dispatcher refuses it before any check")
-    if "attention" in op:
-        args.append(1.0)  # scale
+    if "attention" in op:  # the schema's scale, then the optional page_table
+        args += [1.0] + ([table] if table is not None else [])
     with pytest.raises(error, match=fragment):
         getattr(torch.ops.cllm_rt, op)(*args)
 
@@ -597,7 +701,8 @@ def test_cpp_checks_reject_what_python_rejects(op, make_args, change, error, fra
     ("tree_attention", _tree_attention_args, {"cache_lens": torch.tensor([3, 18])}),
     ("tree_attention", _tree_attention_args, {"parents": torch.tensor([[-1, 0, 3, 1], [-1, -2, 1, 2]])}),
     ("tree_verify", _tree_verify_args, {"parents": torch.tensor([[-1, 0, 0, 1], [-1, 0, 3, 2]])}),
-], ids=["block-lens", "tree-lens", "tree-parents", "verify-parents"])
+    ("block_attention", _paged_attention_args, {"page_table": torch.tensor([[0, 1], [2, 7]])}),
+], ids=["block-lens", "tree-lens", "tree-parents", "verify-parents", "page-table"])
 def test_value_errors_are_the_same_on_both_paths(op, make_args, change, monkeypatch):
     messages = []
     for native in (True, False):

@@ -21,22 +21,24 @@ from .. import ops
 
 ATTN_IMPLEMENTATION = "cllm_rt"
 CACHE_LENGTHS_KWARG = "cllm_rt_cache_lengths"
+PAGE_TABLE_KWARG = "cllm_rt_page_table"
 TREE_PARENTS_KWARG = "cllm_rt_tree_parents"  # absent for a chain block
 
 
 def _block_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, softcap=None, **kwargs):
-    # query: [B, Hq, n, D]; key, value: the cache buffers [B, Hkv, S_max, D] that JacobiCache.update returned
-    lengths = kwargs.get(CACHE_LENGTHS_KWARG)
+    # query: [B, Hq, n, D]; key, value: the page pools [num_pages, Hkv, page_size, D] that JacobiCache.update
+    # returned, laid out per row by the page table
+    lengths, page_table = kwargs.get(CACHE_LENGTHS_KWARG), kwargs.get(PAGE_TABLE_KWARG)
     if lengths is None:
         raise RuntimeError("the cllm_rt attention only runs inside cllm_rt decoding (it needs per-row cache lengths)")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by cllm_rt.ops.block_attention")
     parents = kwargs.get(TREE_PARENTS_KWARG)
     if parents is None:
-        out = ops.block_attention(query, key, value, lengths, scale=scaling)  # [B, Hq, n, D]
+        out = ops.block_attention(query, key, value, lengths, scale=scaling, page_table=page_table)  # [B, Hq, n, D]
     else:
-        out = ops.tree_attention(query, key, value, lengths, parents, scale=scaling)
+        out = ops.tree_attention(query, key, value, lengths, parents, scale=scaling, page_table=page_table)
     return out.transpose(1, 2), None  # HF expects [B, n, Hq, D]
 
 

@@ -14,7 +14,7 @@ import random
 import torch
 
 from .. import ops
-from .attention import CACHE_LENGTHS_KWARG, TREE_PARENTS_KWARG
+from .attention import CACHE_LENGTHS_KWARG, PAGE_TABLE_KWARG, TREE_PARENTS_KWARG
 from .cache import JacobiCache
 
 def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tensor,
@@ -31,6 +31,7 @@ def prefill(model, cache: JacobiCache, tokens: torch.Tensor, lengths: torch.Tens
     last = hidden[rows, lengths - 1, None]  # [B, 1, d]
     nan = last.isnan().flatten(1).any(1).nonzero().flatten().tolist()
     cache.commit(lengths, lengths.tolist())
+    cache.trim()  # the junk past a shorter prompt goes, and the pages that held it
     # a 1-token "block": the last token, predicting position lengths[b]
     greedy, _ = greedy_verify(model, last, tokens[rows, lengths - 1, None], sampling, lengths[:, None])
     return greedy[:, 0], nan
@@ -45,7 +46,7 @@ def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.
     """
     cache.begin_block(block.shape[1])
     offsets = torch.arange(block.shape[1], device=block.device) if depths is None else depths
-    kwargs = {CACHE_LENGTHS_KWARG: cache.lengths}
+    kwargs = {CACHE_LENGTHS_KWARG: cache.lengths, PAGE_TABLE_KWARG: cache.page_table}
     if parents is not None:
         kwargs[TREE_PARENTS_KWARG] = parents
     out = model.base_model(input_ids=block, position_ids=cache.lengths[:, None] + offsets, cache=cache,

@@ -103,13 +103,14 @@ void online_softmax_tile(acc_t* st, int64_t Tn, int64_t Mq, int64_t first_block_
 
 // ancestors: nullptr (causal), or [B * n] masks, bit j of ancestors[b * n + i] set iff
 // node i of row b sees block key j.
+// pages: where each row's positions lie in k_cache/v_cache (common.h; dense or paged).
 template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const int64_t* cache_lens, const uint64_t* ancestors, double scale,
-                      at::Tensor& out) {
+                      const int64_t* cache_lens, const uint64_t* ancestors, const KvPages& pages,
+                      double scale, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(1);
   const int64_t G = Hq / Hkv, M = G * n, groups = B * Hkv;
   // Fewer (batch row, KV head) groups than threads: split each group's query rows
   // into parts (each re-reads the K/V tiles) so no thread idles.
@@ -151,12 +152,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
       std::fill(obuf.begin(), obuf.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-      const scalar_t* kv_k = kp + group * S_max * D;
-      const scalar_t* kv_v = vp + group * S_max * D;
-
-      for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-        const int64_t Tn = std::min(kTile, L - t0);
-        const acc_t* k_tile = rows_as_acc(kv_k + t0 * D, Tn, D, kbuf.data(), D);
+      // A tile never straddles two pages (a dense row is one page).
+      for (int64_t t0 = 0, Tn; t0 < L; t0 += Tn) {
+        Tn = std::min({kTile, L - t0, pages.run(t0)});
+        const int64_t at = pages.offset(b, kvh, t0, Hkv, D);
+        const acc_t* k_tile = rows_as_acc(kp + at, Tn, D, kbuf.data(), D);
         gemm<acc_t, false>(Tn, Mq, D, k_tile, {D, 1}, qt.data(), Mq, st.data(), Mq);
         online_softmax_tile(st.data(), Tn, Mq, t0 - cache_len, mask, row_max.data(),
                             row_sum.data(), alpha.data(), tile_buf.data());
@@ -165,7 +165,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
             for (int64_t d = 0; d < Dp; ++d) obuf[r * Dp + d] *= alpha[r];
           }
         }
-        const acc_t* v_tile = rows_as_acc(kv_v + t0 * D, Tn, D, vbuf.data(), Dp);
+        const acc_t* v_tile = rows_as_acc(vp + at, Tn, D, vbuf.data(), Dp);
         gemm<acc_t, true>(rows, Dp, Tn, st.data(), {1, Mq}, v_tile, Dp, obuf.data(), Dp);
       }
 
@@ -181,18 +181,26 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
-// The value check shared by both ops, then the kernel; ancestors as in attention_kernel.
+// The value checks shared by both ops, then the kernel; ancestors as in attention_kernel.
 at::Tensor attention_cpu(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                         const std::optional<at::Tensor>& page_table, int64_t S_max,
                          const uint64_t* ancestors, double scale) {
   const int64_t B = q.size(0), n = q.size(2);
-  check_cache_lens_values(op, cache_lens, n, k_cache.size(2));
+  check_cache_lens_values(op, cache_lens, n, S_max);
+  at::Tensor table;
+  KvPages pages{nullptr, 1, S_max, B};
+  if (page_table.has_value()) {
+    check_page_table_values(op, *page_table, k_cache.size(0));
+    table = page_table->contiguous();
+    pages = {table.const_data_ptr<int64_t>(), table.size(1), k_cache.size(2), k_cache.size(0)};
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous [B, Hq, n, D]
   if (B == 0) return out;
   const at::Tensor lens = cache_lens.to(at::kLong).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu", [&] {
     attention_kernel<scalar_t>(q, k_cache, v_cache, lens.const_data_ptr<int64_t>(), ancestors,
-                               scale, out);
+                               pages, scale, out);
   });
   return out;
 }
@@ -201,15 +209,17 @@ at::Tensor attention_cpu(const char* op, const at::Tensor& q, const at::Tensor& 
 
 at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                               double scale) {
-  check_attention("block_attention", q, k_cache, v_cache, cache_lens);
-  return attention_cpu("block_attention", q, k_cache, v_cache, cache_lens, nullptr, scale);
+                               double scale, const std::optional<at::Tensor>& page_table) {
+  const int64_t S_max = check_attention("block_attention", q, k_cache, v_cache, cache_lens, page_table);
+  return attention_cpu("block_attention", q, k_cache, v_cache, cache_lens, page_table, S_max, nullptr,
+                       scale);
 }
 
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                              const at::Tensor& parents_in, double scale) {
-  check_tree_attention(q, k_cache, v_cache, cache_lens, parents_in);
+                              const at::Tensor& parents_in, double scale,
+                              const std::optional<at::Tensor>& page_table) {
+  const int64_t S_max = check_tree_attention(q, k_cache, v_cache, cache_lens, parents_in, page_table);
   check_parents_values("tree_attention", parents_in);
   const int64_t B = q.size(0), n = q.size(2);
   // Topological order makes one forward pass enough: a parent's mask is final first.
@@ -220,7 +230,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
     const int64_t i = node % n, parent = p[node];
     ancestors[node] = (uint64_t(1) << i) | (parent >= 0 ? ancestors[node - i + parent] : 0);
   }
-  return attention_cpu("tree_attention", q, k_cache, v_cache, cache_lens, ancestors.data(), scale);
+  return attention_cpu("tree_attention", q, k_cache, v_cache, cache_lens, page_table, S_max,
+                       ancestors.data(), scale);
 }
 
 TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) {

@@ -30,6 +30,7 @@ namespace {
 constexpr int kCombineThreads = 128;
 constexpr int64_t kMaxGridYZ = 65535;
 static_assert(kMaxHeadDim <= 32 * 8, "at most 8 head-dim columns per lane");
+static_assert(kPageSizeMultiple % kKeyTile == 0, "a key tile must never straddle two pages");
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
@@ -50,6 +51,7 @@ struct AttentionParams {
   const void* cache_lens;
   bool lens_is_int64;
   const int64_t* parents;  // nullptr: causal
+  KvPages pages;           // where row b's positions lie in the caches (dense or paged)
   AttentionShape s;
   Acc<T> scale;
   int64_t chunk;
@@ -156,14 +158,15 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionP
     for (int c = 0; c < kDChunks; ++c) o[j][c] = 0;
   }
 
-  const T* k_head = p.k_cache + z * s.S_max * D;
-  const T* v_head = p.v_cache + z * s.S_max * D;
-  const bool vectorized = D * sizeof(T) % 16 == 0 && aligned16(k_head) && aligned16(v_head);
+  // Every row and page starts a whole number of D-element rows into the caches.
+  const bool vectorized = D * sizeof(T) % 16 == 0 && aligned16(p.k_cache) && aligned16(p.v_cache);
   for (int64_t t0 = k_begin; t0 < k_end; t0 += kKeyTile) {
     const int64_t tile = min(int64_t(kKeyTile), k_end - t0);
+    // t0 is a multiple of kKeyTile and so is a page's size: the tile lies in one page.
+    const int64_t at = p.pages.offset(b, kvh, t0, s.Hkv, D);
     __syncthreads();  // the previous tile is consumed (and, first time, Q and masks staged)
-    load_tile(k_head + t0 * D, tile, D, vectorized, k_s, layout.k_stride);
-    if (!p.kv_shared) load_tile(v_head + t0 * D, tile, D, vectorized, v_s, layout.v_stride);
+    load_tile(p.k_cache + at, tile, D, vectorized, k_s, layout.k_stride);
+    if (!p.kv_shared) load_tile(p.v_cache + at, tile, D, vectorized, v_s, layout.v_stride);
     __syncthreads();
 
     acc_t score[kRowsPerWarp] = {};
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionP
     }
     if (p.kv_shared) {  // V replaces K in the one buffer
       __syncthreads();
-      load_tile(v_head + t0 * D, tile, D, vectorized, v_s, layout.v_stride);
+      load_tile(p.v_cache + at, tile, D, vectorized, v_s, layout.v_stride);
       __syncthreads();
     }
     for (int t = 0; t < tile; ++t) {
@@ -389,11 +392,12 @@ size_t attention_workspace_bytes(const AttentionShape& s, DType dtype,
 
 cudaError_t attention(const void* q, const void* k_cache, const void* v_cache,
                       const void* cache_lens, bool lens_is_int64, const int64_t* parents,
-                      DType dtype, const AttentionShape& s, double scale,
+                      const KvPages& pages, DType dtype, const AttentionShape& s, double scale,
                       const AttentionLaunch& launch, void* workspace, void* out,
                       cudaStream_t stream) {
   if (s.B == 0) return cudaSuccess;
   if (s.D < 1 || s.D > kMaxHeadDim || s.S_max < s.n || launch.num_splits < 1 ||
+      pages.page_size % (pages.table != nullptr ? kKeyTile : 1) != 0 ||
       launch.plan.rows_per_warp == 0 || (parents != nullptr && s.n > kMaxTreeNodes)) {
     return cudaErrorInvalidValue;
   }
@@ -402,7 +406,7 @@ cudaError_t attention(const void* q, const void* k_cache, const void* v_cache,
     using acc_t = Acc<T>;
     AttentionParams<T> params{static_cast<const T*>(q), static_cast<const T*>(k_cache),
                               static_cast<const T*>(v_cache), cache_lens, lens_is_int64, parents,
-                              s, static_cast<acc_t>(scale), launch.chunk, launch.plan.kv_shared,
+                              pages, s, static_cast<acc_t>(scale), launch.chunk, launch.plan.kv_shared,
                               nullptr, nullptr, nullptr, static_cast<T*>(out)};
     if (launch.num_splits > 1) {  // workspace: o [slots x D], then m [slots], l [slots]
       const int64_t slots = s.B * s.Hkv * launch.num_splits * (s.Hq / s.Hkv * s.n);

@@ -24,12 +24,14 @@ cudaError_t jacobi_verify(const void* logits, DType dtype, int64_t B, int64_t n,
                           int64_t* accepted, cudaStream_t stream);
 
 // Split-KV ("flash-decoding") attention of q [B, Hq, n, D] (strides qs[4]) against
-// contiguous k/v caches [B, Hkv, S_max, D], out [B, Hq, n, D] contiguous. Query i of
+// contiguous k/v caches, out [B, Hq, n, D] contiguous. The caches are laid out as pages
+// says (common.h): dense [B, Hkv, S_max, D], or pages [num_pages, Hkv, page_size, D]
+// with page_size a multiple of kKeyTile; S_max is the positions a row can hold. Query i of
 // row b sees cache positions 0 .. cache_lens[b] - 1 and, of the block's positions
 // cache_lens[b] + j, those with j <= i (parents == nullptr: block_attention) or j an
 // ancestor of i or i itself (parents [B, n], tree_attention). cache_lens (int32 or
 // int64, lens_is_int64) and parents must hold checked values (the host does it);
-// the kernel clamps lengths and bounds ancestor walks so that no value reads outside
+// the kernel clamps lengths, pages and ancestor walks so that no value reads outside
 // the caches.
 struct AttentionShape {
   int64_t B, Hq, Hkv, n, D, S_max;
@@ -54,7 +56,7 @@ size_t attention_workspace_bytes(const AttentionShape& shape, DType dtype,
                                  const AttentionLaunch& launch);
 cudaError_t attention(const void* q, const void* k_cache, const void* v_cache,
                       const void* cache_lens, bool lens_is_int64, const int64_t* parents,
-                      DType dtype, const AttentionShape& shape, double scale,
+                      const KvPages& pages, DType dtype, const AttentionShape& shape, double scale,
                       const AttentionLaunch& launch, void* workspace, void* out,
                       cudaStream_t stream);
 

@@ -57,18 +57,25 @@ std::tuple<at::Tensor, at::Tensor> jacobi_verify_cuda(const at::Tensor& logits,
   return {greedy, accepted};
 }
 
-// Both attention ops: ancestors come from parents (undefined: causal).
+// Both attention ops: ancestors come from parents (undefined: causal); S_max as
+// check_attention returns it.
 at::Tensor attention_cuda(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& cache_lens_in,
-                          const at::Tensor& parents, double scale) {
+                          const at::Tensor& parents, const std::optional<at::Tensor>& page_table,
+                          int64_t S_max, double scale) {
   check_cuda(q, op);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t longest = check_cache_lens_values(op, cache_lens_in, q.size(2), k_cache.size(2)) +
-                          q.size(2);
+  const int64_t longest = check_cache_lens_values(op, cache_lens_in, q.size(2), S_max) + q.size(2);
   const at::Tensor cache_lens = cache_lens_in.contiguous();
+  at::Tensor table;
+  KvPages pages{nullptr, 1, S_max, q.size(0)};
+  if (page_table.has_value()) {
+    check_page_table_values(op, *page_table, k_cache.size(0));
+    table = page_table->contiguous();
+    pages = {table.const_data_ptr<int64_t>(), table.size(1), k_cache.size(2), k_cache.size(0)};
+  }
   const cuda::AttentionShape shape{q.size(0), q.size(1), k_cache.size(1), q.size(2), q.size(3),
-                                   k_cache.size(2), {q.stride(0), q.stride(1), q.stride(2),
-                                                     q.stride(3)}};
+                                   S_max, {q.stride(0), q.stride(1), q.stride(2), q.stride(3)}};
   const cuda::DType dtype = kernel_dtype(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous [B, Hq, n, D]
   if (shape.B == 0) return out;
@@ -80,7 +87,7 @@ at::Tensor attention_cuda(const char* op, const at::Tensor& q, const at::Tensor&
   check_launch(cuda::attention(q.const_data_ptr(), k_cache.const_data_ptr(), v_cache.const_data_ptr(),
                                cache_lens.const_data_ptr(), cache_lens.scalar_type() == at::kLong,
                                parents.defined() ? parents.const_data_ptr<int64_t>() : nullptr,
-                               dtype, shape, scale, launch, space.data_ptr(), out.data_ptr(),
+                               pages, dtype, shape, scale, launch, space.data_ptr(), out.data_ptr(),
                                c10::cuda::getCurrentCUDAStream()),
                op);
   return out;
@@ -88,18 +95,20 @@ at::Tensor attention_cuda(const char* op, const at::Tensor& q, const at::Tensor&
 
 at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                double scale) {
-  check_attention("block_attention", q, k_cache, v_cache, cache_lens);
-  return attention_cuda("block_attention", q, k_cache, v_cache, cache_lens, at::Tensor(), scale);
+                                double scale, const std::optional<at::Tensor>& page_table) {
+  const int64_t S_max = check_attention("block_attention", q, k_cache, v_cache, cache_lens, page_table);
+  return attention_cuda("block_attention", q, k_cache, v_cache, cache_lens, at::Tensor(), page_table,
+                        S_max, scale);
 }
 
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                               const at::Tensor& parents, double scale) {
-  check_tree_attention(q, k_cache, v_cache, cache_lens, parents);
+                               const at::Tensor& parents, double scale,
+                               const std::optional<at::Tensor>& page_table) {
+  const int64_t S_max = check_tree_attention(q, k_cache, v_cache, cache_lens, parents, page_table);
   check_parents_values("tree_attention", parents);
   return attention_cuda("tree_attention", q, k_cache, v_cache, cache_lens, parents.contiguous(),
-                        scale);
+                        page_table, S_max, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(const at::Tensor& greedy,
