@@ -302,14 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help=model_help)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and /metrics (default: "
-                       "$CLLM_RT_API_KEY, else no key; an empty key is an error)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 and /metrics; KEY1,KEY2,... "
+                       "for one key per tenant (default: $CLLM_RT_API_KEY, else no key; an empty key is an error)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
     serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument("--corpus", choices=["off", "shared"], default="off",
+    serve.add_argument("--corpus", choices=["off", "shared", "per-key"], default="off",
                        help="draft from earlier answers: off (default: one client's text never speeds up, and so "
-                       "never reveals itself to, another) or shared (one corpus for every client: faster on "
-                       "repeated content)")
+                       "never reveals itself to, another), shared (one corpus for every client: faster on "
+                       "repeated content) or per-key (one corpus per API key: needs --api-key)")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")

@@ -189,3 +189,25 @@ def test_a_prefill_that_raises_is_retried_row_by_row_and_a_raising_decode_sheds_
     assert not failures and outputs[1] == _alone(model, prompts[1], 1)
     for i in (0, 2):
         assert outputs[i] == _alone(model, prompts[i], MAX_NEW)
+
+
+def test_each_row_drafts_from_and_feeds_its_own_corpus():
+    model = tiny_model("llama")
+    ids, mask = random_prompts(2, [6, 4], seed=7)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    answers = [_alone(model, p, MAX_NEW) for p in prompts]
+    mine, theirs = Corpus(), Corpus()
+    mine.add(prompts[0] + answers[0])  # row 0's own answer: long corpus drafts for row 0 only
+    outputs = {0: [], 1: []}
+    with torch.inference_mode(), Decoder(model, drafts=("corpus",), corpus=Corpus()) as decoder:
+        decoder.add(prompts, [MAX_NEW, MAX_NEW], [0, 1], corpora=[mine, theirs])
+        while decoder.rows:
+            for handle, new, _ in decoder.emit():
+                outputs[handle] += new
+            decoder.decode()
+        for handle, new, _ in decoder.emit():
+            outputs[handle] += new
+        assert len(decoder.corpus) == 0  # the Decoder's own corpus saw neither answer
+    assert [outputs[0], outputs[1]] == answers
+    assert len(theirs) == len(prompts[1]) + MAX_NEW  # row 1's answer went to its corpus, row 0's did not
+    assert len(mine) == 2 * (len(prompts[0]) + MAX_NEW)

@@ -293,7 +293,29 @@ def test_the_draft_corpus_is_off_by_default_and_shared_on_request(tokenizer, cor
 
 def test_an_unknown_corpus_mode_is_refused(tokenizer):
     with pytest.raises(ValueError, match="corpus"):
+        serve.create_app(_model(), tokenizer, model_name=NAME, corpus="everyone")
+
+
+def test_a_corpus_per_key_keeps_each_keys_answers_to_itself(tokenizer):
+    with pytest.raises(ValueError, match="per-key"):  # no keys: no tenants to keep apart
         serve.create_app(_model(), tokenizer, model_name=NAME, corpus="per-key")
+    with pytest.raises(ValueError, match="empty key"):
+        serve.create_app(_model(), tokenizer, model_name=NAME, api_key="ka,,kb")
+    app = serve.create_app(_model(), tokenizer, model_name=NAME, api_key="ka, kb", corpus="per-key")
+
+    def ask(url, key):
+        return httpx.post(f"{url}/v1/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                          json=dict(model=NAME, prompt="ab", max_tokens=6))
+
+    with serve.background(app) as url:
+        assert ask(url, "kc").status_code == 401
+        first = ask(url, "ka")
+        corpora = app.state.engine.corpora
+        assert first.status_code == 200 and len(corpora[0]) > 0 and 1 not in corpora  # kb's corpus: nothing of ka's
+        second = ask(url, "kb")
+        assert second.status_code == 200 and len(corpora[1]) > 0
+        assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    assert len(app.state.engine.corpus) == 0  # no shared corpus learns anything
 
 
 # ---------------------------------------------------------------- resources

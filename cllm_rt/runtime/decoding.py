@@ -83,6 +83,7 @@ class _Row:
     head: list[int] = field(default_factory=list)  # the draft head's guesses past the next root
     steps: int = 0  # decode forwards this row took part in
     sampling: SamplingParams | None = None  # None: greedy
+    corpus: Corpus | None = None  # where its "corpus" drafts come from and its finished answer goes
 
     @property
     def depth_left(self) -> int:
@@ -186,9 +187,11 @@ class Decoder:
         self._attention = None
 
     def add(self, prompts: list[list[int]], max_new_tokens: list[int], handles: list[int],
-            sampling: list[SamplingParams | None] | None = None) -> None:
+            sampling: list[SamplingParams | None] | None = None, corpora: list[Corpus] | None = None) -> None:
         """Prefill ``prompts`` (token lists) in one forward; their first tokens come out of the next emit.
-        ``sampling``: per prompt, its seeded sampling (None: greedy; default: every row greedy).
+        ``sampling``: per prompt, its seeded sampling (None: greedy; default: every row greedy). ``corpora``:
+        per prompt, the corpus its "corpus" drafts come from and its answer is added to (default: the
+        Decoder's; a server keeps one per tenant, so that no tenant's text drafts, or is timed by, another's).
 
         Each row is judged on its own: its ids, its budget, and its own prompt plus its own
         ``max_new_tokens`` against the model's positions. A row that fails a check, gives NaN, or fails its
@@ -197,14 +200,15 @@ class Decoder:
         """
         self._check_entered()
         sampling = [None] * len(prompts) if sampling is None else list(sampling)
+        corpora = [self.corpus] * len(prompts) if corpora is None else list(corpora)
         errors = {}
         for p, budget, handle in zip(prompts, max_new_tokens, handles, strict=True):
             try:
                 self._check_row(p, budget)
             except (ValueError, NotImplementedError) as error:
                 errors[handle] = error
-        joining = [(p, budget, handle, params) for p, budget, handle, params
-                   in zip(prompts, max_new_tokens, handles, sampling, strict=True) if handle not in errors]
+        joining = [(p, budget, handle, params, corpus) for p, budget, handle, params, corpus
+                   in zip(prompts, max_new_tokens, handles, sampling, corpora, strict=True) if handle not in errors]
         if joining:
             errors.update(self._prefill(joining))
         if errors:
@@ -219,20 +223,21 @@ class Decoder:
                              f"[{min(prompt)}, {max(prompt)}]")
         check_positions(self.model, len(prompt), max_new_tokens)
 
-    def _prefill(self, joining: list[tuple[list[int], int, int, SamplingParams | None]]) -> dict[int, Exception]:
-        """Prefill ``(prompt, budget, handle, sampling)`` rows in one forward and join them; return the failed
-        ones."""
-        prompts = [p for p, _, _, _ in joining]
+    def _prefill(self, joining: list[tuple[list[int], int, int, SamplingParams | None, Corpus]]
+                 ) -> dict[int, Exception]:
+        """Prefill ``(prompt, budget, handle, sampling, corpus)`` rows in one forward and join them; return the
+        failed ones."""
+        prompts = [p for p, *_ in joining]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
         for row, p in enumerate(prompts):
             tokens[row, :len(p)] = torch.tensor(p, device=self.device)
         cache = JacobiCache(self.model.config.num_hidden_layers, torch.zeros_like(lengths),
-                            max_len=tokens.shape[1] + max(budget for _, budget, _, _ in joining) + self.widest)
+                            max_len=tokens.shape[1] + max(budget for _, budget, *_ in joining) + self.widest)
         start = time.perf_counter()
         try:
             first, nan = prefill(self.model, cache, tokens, lengths,
-                                 batch_sampling([params for _, _, _, params in joining], self.device))
+                                 batch_sampling([params for _, _, _, params, _ in joining], self.device))
         except Exception as error:  # noqa: BLE001  charged to the row that fails alone, never to the group
             if len(joining) == 1:
                 return {joining[0][2]: error}
@@ -248,9 +253,9 @@ class Decoder:
         self.cache = cache if self.cache is None else self.cache.extend(cache)
         first = first.tolist()
         for i in good:
-            p, budget, handle, params = joining[i]
+            p, budget, handle, params, corpus = joining[i]
             row = _Row(handle, p, budget, PromptGuesses(p, f"{self.seed}:{handle}"), NgramIndex(), pending=[first[i]],
-                       sampling=params)
+                       sampling=params, corpus=corpus)
             row.history.extend(p)
             self.rows.append(row)
         return errors
@@ -270,7 +275,7 @@ class Decoder:
             row.history.extend(row.output[before:])
             events.append((row.index, row.output[before:], done))
             if done:
-                self.corpus.add(row.prompt + row.output)
+                row.corpus.add(row.prompt + row.output)
             else:
                 keep.append(i)
         if len(keep) < len(self.rows):
@@ -293,7 +298,7 @@ class Decoder:
             budget = min(self.block_size, max(row.depth_left + 1 for row in self.rows))
             trees = [row.jacobi_block(budget) for row in self.rows]
         else:
-            trees = [row.tree(self.sources, self.block_size, self.acceptance, self.corpus, self.vocab)
+            trees = [row.tree(self.sources, self.block_size, self.acceptance, row.corpus, self.vocab)
                      for row in self.rows]
             budget = choose_budget(self.cost, [sorted(t.scores[1:], reverse=True) for t in trees],
                                    self.max_tree_nodes,

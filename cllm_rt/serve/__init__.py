@@ -15,8 +15,9 @@ with the reason instead of being ignored in silence.
 
 Limits, each answered at once and never by a dying server: a request body over ``max_body_bytes`` 413; a prompt
 plus ``max_tokens`` beyond the model's positions 400; more than ``max_batch`` decoding plus ``max_queue``
-waiting 503; a malformed body 400, all as OpenAI-style JSON errors. ``api_key`` (off by default) guards the
-``/v1`` routes with ``Authorization: Bearer``.
+waiting 503; a malformed body 400, all as OpenAI-style JSON errors. ``api_key`` (off by default; one key, or
+several separated by commas, one per tenant) guards the ``/v1`` routes with ``Authorization: Bearer``. The draft
+corpus is off by default, shared on request, or kept per key (``corpus="per-key"``).
 """
 
 from .app import create_app

@@ -35,10 +35,17 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
                drafts="auto", corpus: str = "off", max_batch: int = 16, max_queue: int = 64,
                max_body_bytes: int = 1 << 20) -> FastAPI:
     """The FastAPI app serving ``model`` under ``model_name``; its lifespan starts and stops the decode thread
-    (``app.state.engine``). ``api_key`` guards ``/v1`` and ``/metrics`` (None: open; an empty key is refused,
-    as it would otherwise read as a key nobody means). ``corpus``: see :class:`Engine`."""
+    (``app.state.engine``). ``api_key`` guards ``/v1`` and ``/metrics``: one key, or several separated by
+    commas, one per tenant (None: open; an empty key is refused, as it would otherwise read as a key nobody
+    means). ``corpus``: see :class:`Engine`; ``"per-key"`` needs keys."""
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty: give a key, or none to serve without one")
+    keys = None if api_key is None else [key.strip() for key in api_key.split(",")]
+    if keys is not None and not all(keys):
+        raise ValueError("the API key list holds an empty key: separate keys with single commas")
+    if corpus == "per-key" and keys is None:
+        raise ValueError("corpus 'per-key' keeps one corpus per API key: give keys (--api-key KEY1,KEY2 or "
+                         "CLLM_RT_API_KEY)")
     metrics = Metrics()
     engine = Engine(model, tokenizer, block_size=block_size, drafts=drafts, corpus=corpus, max_batch=max_batch,
                     max_queue=max_queue, metrics=metrics)
@@ -86,11 +93,16 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         return _error(500, "internal error (see the server log)", "server_error")
 
     async def authorize(request: Request) -> None:
-        if api_key is None:
+        """Let a request with one of the keys through; the key's index becomes its tenant."""
+        request.state.tenant = None
+        if keys is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        given = request.headers.get("authorization", "").encode()
+        # every key is compared, in constant time each: how long this takes says nothing of which key matched
+        matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
+        if not any(matches):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error")
+        request.state.tenant = matches.index(True)
 
     guarded = [Depends(authorize)]
     api = APIRouter(prefix="/v1", dependencies=guarded)
@@ -162,7 +174,7 @@ def create_app(model, tokenizer, *, model_name: str, api_key: str | None = None,
         generations = []
         try:
             for params in rows:
-                generations.append(engine.submit(prompt, max_tokens, stop, params))
+                generations.append(engine.submit(prompt, max_tokens, stop, params, request.state.tenant))
         except Unavailable as error:
             for generation in generations:  # all of the request's choices or none
                 engine.cancel(generation)

@@ -27,7 +27,7 @@ from .text import TextStream
 log = logging.getLogger("cllm_rt.serve")
 
 
-CORPUS_MODES = ("off", "shared")
+CORPUS_MODES = ("off", "shared", "per-key")
 
 
 def _malloc_trim():
@@ -83,6 +83,7 @@ class Generation:
     tokens: int = 0
     finish_reason: str | None = None
     sampling: SamplingParams | None = None  # None: greedy
+    tenant: int | None = None  # the API key it came with (its index), for corpus="per-key"
 
     def send(self, *event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
@@ -118,7 +119,9 @@ class Engine:
     ``corpus``: where the "corpus" draft source comes from. ``"off"`` (the default): no corpus, so nothing one
     client sent or received can speed up, or be timed by, another. ``"shared"``: one corpus of every earlier
     answer, for every client (faster on repeated content; chunk sizes and timing then tell a client whether
-    others asked something similar). The settings are checked here, so a bad one stops the server at start-up.
+    others asked something similar). ``"per-key"``: one corpus per API key (a request's ``tenant``), so that
+    clients sharing a key share drafts and no key's text shows in another's timing. The settings are checked
+    here, so a bad one stops the server at start-up.
     """
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, drafts="auto", corpus: str = "off",
@@ -135,6 +138,8 @@ class Engine:
             dropped = {"corpus"} | ({"head"} if drafts == "auto" and attached(model) is None else set())
             drafts = tuple(name for name in names if name not in dropped)
         self.corpus = Corpus() if corpus == "shared" else _NoCorpus()  # kept across Decoders
+        self.per_key = corpus == "per-key"
+        self.corpora: dict[int | None, Corpus] = {}  # per-key: one per tenant, kept across Decoders
         self.decoder_options = dict(block_size=block_size, drafts=drafts, corpus=self.corpus)
         self.eos = set(resolve_special_tokens(model)[0])
         Decoder(model, eos=self.eos, **self.decoder_options)  # its own checks of the settings, now
@@ -180,11 +185,12 @@ class Engine:
             self._in_flight -= len(self._waiting)
             self._waiting.clear()
 
-    def submit(self, prompt: list[int], max_tokens: int, stop: list[str],
-               sampling: SamplingParams | None = None) -> Generation:
-        """Queue a generation (event loop thread); raises :class:`Unavailable` at once when it cannot."""
+    def submit(self, prompt: list[int], max_tokens: int, stop: list[str], sampling: SamplingParams | None = None,
+               tenant: int | None = None) -> Generation:
+        """Queue a generation (event loop thread); raises :class:`Unavailable` at once when it cannot.
+        ``tenant``: who sent it (the index of its API key), for ``corpus="per-key"``."""
         generation = Generation(next(self._handles), prompt, max_tokens, TextStream(self.tokenizer, stop),
-                                asyncio.get_running_loop(), sampling=sampling)
+                                asyncio.get_running_loop(), sampling=sampling, tenant=tenant)
         with self._lock:
             if self.broken is not None:
                 raise Unavailable(self.broken)
@@ -288,8 +294,9 @@ class Engine:
         """Prefill the joining requests in one forward. The Decoder checks and, if their group prefill fails,
         prefills each row alone, so only a request that cannot be decoded by itself fails; the others join."""
         try:
+            corpora = [self.corpora.setdefault(g.tenant, Corpus()) for g in joining] if self.per_key else None
             decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining],
-                        [g.sampling for g in joining])
+                        [g.sampling for g in joining], corpora)
         except RowsFailed as failed:
             for handle, error in failed.errors.items():
                 log.warning("a request could not join the batch: %s", error)
