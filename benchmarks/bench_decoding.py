@@ -98,6 +98,43 @@ def batches(prompts: list[list[int]], size: int, pad: int):
         yield ids, mask
 
 
+def compare(methods: list[str], runner, prompts: list[list[int]], *, batch: int, pad: int, max_new_tokens: int,
+            seed: str, labels: dict) -> list[dict]:
+    """Every method on every batch of ``prompts``, in a seeded random order per batch; one result per method.
+
+    ``runner(method, ids, mask, max_new_tokens, corpus)`` returns (new tokens per row, decode row-steps or None
+    where the method does not say, seconds); each method keeps its own corpus across the batches. Agreement is
+    with the ``"hf"`` method's output of the same batch."""
+    corpora = {m: Corpus() for m in methods}
+    totals = {m: {"tokens": 0, "steps": 0, "seconds": 0.0, "loops": 0, "rows": 0, "agree": 0} for m in methods}
+    order = random.Random(seed)
+    for ids, mask in batches(prompts, batch, pad):
+        outputs = {}
+        for method in order.sample(methods, len(methods)):
+            rows, steps, seconds = runner(method, ids, mask, max_new_tokens, corpora[method])
+            outputs[method] = rows
+            t = totals[method]
+            t["tokens"] += sum(map(len, rows))
+            t["steps"] = None if steps is None or t["steps"] is None else t["steps"] + steps
+            t["seconds"] += seconds
+            t["loops"] += sum(is_repetitive(r) for r in rows)
+            t["rows"] += len(rows)
+        for method in methods:
+            totals[method]["agree"] += sum(a == b for a, b in zip(outputs[method], outputs.get("hf", [])))
+    print(" ".join(f"{v}" for v in labels.values()) + ": "
+          + ", ".join(f"{m} {totals[m]['tokens'] / totals[m]['seconds']:.1f}" for m in methods), flush=True)
+    results = []
+    for method in methods:
+        t = totals[method]
+        results.append({**labels, "method": method, "tokens_per_second": t["tokens"] / t["seconds"],
+                        # the prefill's token aside, new tokens per row per decode forward
+                        "tokens_per_forward": None if t["steps"] is None
+                        else (t["tokens"] - t["rows"]) / max(t["steps"], 1),
+                        "loop_share": t["loops"] / t["rows"], "agreement_with_hf": t["agree"] / t["rows"],
+                        "tokens": t["tokens"], "seconds": t["seconds"], "prompts": t["rows"]})
+    return results
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -126,39 +163,23 @@ def main() -> None:
     for dtype in args.dtypes:
         model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
         counter = ForwardCounter(model)
+
+        def runner(method, ids, mask, max_new_tokens, corpus):
+            return run(method, model, counter, ids, mask, max_new_tokens, corpus)
+
         warm = tokenizer("Hello", return_tensors="pt")
         for method in methods:  # first calls allocate; keep them out of the timings
-            run(method, model, counter, warm.input_ids, warm.attention_mask, 32, Corpus())
+            runner(method, warm.input_ids, warm.attention_mask, 32, Corpus())
         for domain in args.domains:
             prompts = prompts_of(domain, tokenizer, args.prompts, args.data_dir)
-            corpora = {m: Corpus() for m in methods}
-            totals = {m: {"tokens": 0, "steps": 0, "seconds": 0.0, "loops": 0, "rows": 0, "agree": 0}
-                      for m in methods}
-            order = random.Random(f"{args.seed}:{dtype}:{domain}")
-            for ids, mask in batches(prompts, args.batch, tokenizer.pad_token_id or 0):
-                outputs = {}
-                for method in order.sample(methods, len(methods)):
-                    rows, steps, seconds = run(method, model, counter, ids, mask, args.max_new_tokens,
-                                                  corpora[method])
-                    outputs[method] = rows
-                    t = totals[method]
-                    t["tokens"] += sum(map(len, rows))
-                    t["steps"] += steps
-                    t["seconds"] += seconds
-                    t["loops"] += sum(is_repetitive(r) for r in rows)
-                    t["rows"] += len(rows)
-                for method in methods:
-                    totals[method]["agree"] += sum(a == b for a, b in zip(outputs[method], outputs.get("hf", [])))
-                print(f"{dtype} {domain}: " + ", ".join(f"{m} {totals[m]['tokens'] / totals[m]['seconds']:.1f}"
-                                                         for m in methods), flush=True)
-            for method in methods:
-                t = totals[method]
-                results.append({"dtype": dtype, "batch": args.batch, "domain": domain, "method": method,
-                                "tokens_per_second": t["tokens"] / t["seconds"],
-                                # the prefill's token aside, new tokens per row per decode forward
-                                "tokens_per_forward": (t["tokens"] - t["rows"]) / max(t["steps"], 1),
-                                "loop_share": t["loops"] / t["rows"], "agreement_with_hf": t["agree"] / t["rows"],
-                                "tokens": t["tokens"], "seconds": t["seconds"], "prompts": t["rows"]})
+            results += compare(methods, runner, prompts, batch=args.batch, pad=tokenizer.pad_token_id or 0,
+                               max_new_tokens=args.max_new_tokens, seed=f"{args.seed}:{dtype}:{domain}",
+                               labels={"dtype": dtype, "batch": args.batch, "domain": domain})
+    report(info, results, args)
+
+
+def report(info: dict, results: list[dict], args) -> None:
+    """The table, the JSON (``args.json``) and the machine line of a finished run."""
     info["load_average_after"] = os.getloadavg()
     print_table(results)
     if args.json:
@@ -178,9 +199,9 @@ def print_table(results: list[dict]) -> None:
         ratio = {m: r["tokens_per_second"] / get[key + (m,)]["tokens_per_second"] if key + (m,) in get else None
                  for m in ("hf", "hf-lookup", "ar")}
         cells = [f"{v:.2f}x" if v else "—" for v in ratio.values()]
+        per_forward = "—" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}"
         print(f"| {r['dtype']} | {r['batch']} | {r['domain']} | {METHODS[r['method']]} | {r['tokens_per_second']:.1f} | "
-              f"{r['tokens_per_forward']:.2f} | {' | '.join(cells)} | {r['loop_share']:.0%} | "
-              f"{r['agreement_with_hf']:.0%} |")
+              f"{per_forward} | {' | '.join(cells)} | {r['loop_share']:.0%} | {r['agreement_with_hf']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ rounds (the sizes shuffled every round, medians reported):
 * **HF**: ``model(block, past_key_values=DynamicCache)`` with its full logits, the cache cropped back after
   each call (what HF's assisted generation pays per verify);
 * **cllm_rt**: the runtime's own step, ``forward_block`` over the paged ``JacobiCache`` with attention routed
-  to ``ops.block_attention``, then ``greedy_verify`` (the fused LM-head argmax: no ``[n, V]`` logits);
+  to ``ops.block_attention`` and bf16 linears of few rows to ``ops.linear`` (``runtime/linears.py``), then
+  ``greedy_verify`` (the fused LM-head argmax: no ``[n, V]`` logits);
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
   call each), to show where the forward's growth with n comes from;
@@ -37,6 +38,7 @@ from cllm_rt import ops
 from cllm_rt.models import load_model
 from cllm_rt.runtime.attention import jacobi_attention
 from cllm_rt.runtime.cache import JacobiCache
+from cllm_rt.runtime.linears import routed_linears
 from cllm_rt.runtime.step import forward_block, greedy_verify, prefill
 
 NAME = "smollm2-135m-instruct"
@@ -96,7 +98,7 @@ def variants(model, context: int, dtype: torch.dtype):
         hf_cache.crop(-n)  # transformers 5.25: a negative count of tokens to drop
 
     def cllm_rt(n):
-        with jacobi_attention(model):
+        with jacobi_attention(model), routed_linears(model):
             tokens = block(n)
             greedy_verify(model, forward_block(model, ours, tokens), tokens)
 

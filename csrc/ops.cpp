@@ -2,8 +2,8 @@
 //
 // Kernels register themselves per device (TORCH_LIBRARY_IMPL in csrc/cpu and
 // csrc/cuda); Python reaches them as torch.ops.cllm_rt.<op> once cllm_rt._C is
-// imported. The module has no functions, only constants: WITH_CUDA telling which
-// build it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against.
+// imported. The module has no functions, only constants: WITH_CUDA and BF16_PAIR_DOT telling
+// which build it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -45,11 +45,17 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
+#ifdef __AVX512BF16__
+  const long bf16_pair_dot = 1;  // linear's bf16 kernel (cpu/linear.cpp) is compiled in
+#else
+  const long bf16_pair_dot = 0;
+#endif
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(m, "MAX_HEAD_DIM", cllm_rt::kMaxHeadDim) < 0 ||
       PyModule_AddIntConstant(m, "MAX_TREE_NODES", cllm_rt::kMaxTreeNodes) < 0 ||
-      PyModule_AddIntConstant(m, "PAGE_SIZE_MULTIPLE", cllm_rt::kPageSizeMultiple) < 0) {
+      PyModule_AddIntConstant(m, "PAGE_SIZE_MULTIPLE", cllm_rt::kPageSizeMultiple) < 0 ||
+      PyModule_AddIntConstant(m, "BF16_PAIR_DOT", bf16_pair_dot) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

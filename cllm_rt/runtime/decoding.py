@@ -21,6 +21,7 @@ streaming, EOS and budget bookkeeping.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ from .cache import JacobiCache
 from .cost import StepCost, choose_budget
 from .drafts import SOURCES, AcceptanceStats, Corpus, DraftTree, NgramIndex
 from .inputs import NOT_GIVEN, check_model, check_positions, nan_error, resolve_special_tokens, unpad_prompts
+from .linears import routed_linears
 from .sampling import SamplingParams, batch_sampling, sampling_from_config
 from .step import PromptGuesses, prefill, tree_step
 
@@ -141,7 +143,8 @@ class Decoder:
     row's first token right after its prefill, a stop string found before a forward is spent on its row.
     ``generate`` is one ``add`` of the whole batch, then steps until no row is left; a server adds
     requests as they arrive (continuous batching). Use it as a context manager: inside, the model's
-    attention runs over this decoder's cache (:func:`cllm_rt.runtime.attention.jacobi_attention`).
+    attention runs over this decoder's cache (:func:`cllm_rt.runtime.attention.jacobi_attention`) and its linear
+    layers take the ops' kernel where it pays (:func:`cllm_rt.runtime.linears.routed_linears`).
     ``eos``: token ids that end a row. Other options as in :func:`generate`.
 
     One row's fault costs that row only: :meth:`add` and :meth:`decode` raise :class:`RowsFailed` naming
@@ -178,8 +181,9 @@ class Decoder:
         self._attention = None
 
     def __enter__(self) -> "Decoder":
-        self._attention = jacobi_attention(self.model)
-        self._attention.__enter__()
+        self._attention = contextlib.ExitStack()  # the model's forward routed to the ops while decoding
+        self._attention.enter_context(jacobi_attention(self.model))
+        self._attention.enter_context(routed_linears(self.model))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..runtime.attention import jacobi_attention
 from ..runtime.cache import JacobiCache
 from ..runtime.inputs import NOT_GIVEN, check_model, check_positions, raise_on_nan, resolve_special_tokens
+from ..runtime.linears import routed_linears
 from ..runtime.step import PromptGuesses, jacobi_step, prefill
 from . import storage
 from .distributed import Processes, torchrun_processes
@@ -139,7 +140,7 @@ def decode_trajectories(model, prompts: list[list[int]], seeds: list[int], *, bl
                         max_len=tokens.shape[1] + decoded + block_size)
     builders = [TrajectoryBuilder(p, seed, block_size, max_new_tokens, eos) for p, seed in zip(prompts, seeds)]
 
-    with jacobi_attention(model):
+    with jacobi_attention(model), routed_linears(model):
         first, nan = prefill(model, cache, tokens, lengths)
         raise_on_nan(nan)
         for builder, token in zip(builders, first.tolist()):
