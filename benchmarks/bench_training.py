@@ -8,7 +8,8 @@ Stages (each resumes what an earlier, interrupted run left in --out):
              every checkpoint (a third of the steps) keeps a loadable model (``TrainConfig.keep_models``).
   evaluate   the target and every kept model on GSM8K *test* prompts, batch 1, 128 new tokens: cllm_rt
              plain Jacobi (block 16) and cllm_rt's best exact decoding (``drafts="auto"``); tokens/forward,
-             loop share, final-answer agreement with the target, accuracy.
+             loop share, accuracy, and drift from the target three ways (:mod:`cllm_rt.demo.evaluate`):
+             greedy agreement (difflib), final-answer agreement, the target's perplexity on the outputs.
   report     results JSON, a markdown table and the curve (PNG).
 
     python benchmarks/bench_training.py --out runs/training --minutes 40   # ~2 hours on 2 cores
@@ -191,16 +192,17 @@ def report(args) -> dict:
 
 def format_table(results: dict) -> str:
     lines = ["| model | train min | tok/fwd Jacobi (non-loop) | tok/fwd best (non-loop) | loop share | "
-             "token agreement (first 64) | same answer tokens | final-answer agreement | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "token agreement (first 64) | greedy agreement (difflib) | same answer tokens | final-answer agreement | "
+             "target ppl | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     number = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for r in results["rows"]:
         j, b = r["jacobi"], r["best"]
         lines.append(f"| {r['model']} | {r['minutes']:.1f} | {j['tokens_per_forward']:.2f} "
                      f"({number(j['non_loop_tokens_per_forward'])}) | {b['tokens_per_forward']:.2f} "
                      f"({number(b['non_loop_tokens_per_forward'])}) | {j['loop_share']:.0%} | "
-                     f"{j['token_agreement']:.0%} | {j['same']:.0%} | {j['answer_agreement']:.0%} | "
-                     f"{j['accuracy']:.0%} |")
+                     f"{j['token_agreement']:.0%} | {number(j.get('greedy_agreement'))} | {j['same']:.0%} | "
+                     f"{j['answer_agreement']:.0%} | {number(j.get('target_perplexity'))} | {j['accuracy']:.0%} |")
     lines += ["", "| objective | steps | batch | minutes | tokens/s | blocks/s | blocks seen |", "|---|---|---|---|---|---|---|"]
     for objective, t in results["training"].items():
         lines.append(f"| {objective} | {t['steps']} | {t['batch_size']} | {t['minutes']:.1f} | "

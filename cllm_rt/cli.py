@@ -117,15 +117,17 @@ def _train(args) -> None:
                          batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup, seed=args.seed,
                          save_every=args.save_every, keep_models=args.keep_models,
                          grad_checkpointing=args.grad_checkpointing,
-                         ar_weight=args.ar_weight, ar_target=args.ar_target, max_grad_norm=args.max_grad_norm,
+                         ar_weight=args.ar_weight, ar_target=args.ar_target, distill_weight=args.distill_weight,
+                         max_grad_norm=args.max_grad_norm,
                          weight_decay=args.weight_decay, fsdp=args.fsdp, noise_window=args.noise_window,
                          heldout=args.heldout, min_agreement=args.min_agreement)
     last = train(args.model, args.trajectories, args.out, config, device=args.device)
     if last.get("event") == "stopped":
         print(f"{last['reason']}; model saved to {args.out}")
     elif last:
+        distill = f", distill {last['distill']:.4f}" if "distill" in last else ""
         print(f"step {last['step']}: loss {last['loss']:.4f} (consistency {last['consistency']:.4f}, "
-              f"ar {last['ar']:.4f}); model saved to {args.out}")
+              f"ar {last['ar']:.4f}{distill}); model saved to {args.out}")
 
 
 def _train_head(args) -> None:
@@ -247,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ar-weight", type=float, default=10.0, help="weight of the AR loss")
     train.add_argument("--ar-target", choices=["greedy", "reference"], default="greedy",
                        help="AR loss on the model's own greedy answer or the data's reference answer")
+    train.add_argument("--distill-weight", type=float, default=0.0,
+                       help="weight of KL(frozen source model || model) at the AR positions (0: off; with it "
+                            "--ar-weight may be 0)")
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")

@@ -141,7 +141,7 @@ def test_sql_is_read_out_of_an_instruct_answer():
 
 def test_quality_per_domain():
     q = datasets.quality("math", "so #### 12", "thus #### 12", "#### 13", [1, 2], [1, 3])
-    assert q == {"same": 0.0, "token_agreement": 0.5, "answer_agreement": 1.0, "accuracy": 0.0}
+    assert q == {"same": 0.0, "token_agreement": 0.5, "greedy_agreement": 0.5, "answer_agreement": 1.0, "accuracy": 0.0}
     assert datasets.quality("math", "no answer", "none either", "#### 1", [], [])["answer_agreement"] == 1.0
     q = datasets.quality("sql", "```sql\nSELECT a FROM t;\n```\nmore", "select a from t", "SELECT a FROM t", [1], [1])
     assert q["agreement"] == 1.0 and q["exact_match"] == 1.0 and q["same"] == 1.0
@@ -256,7 +256,10 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     by_method = {row["method"]: row for row in results["table"]}
     assert set(by_method) == set(METHODS)
     for exact in ("target+lookup", "target+ar", "target+jacobi", "target+best"):  # only verified tokens, in float64
-        assert by_method[exact]["same"] == 1.0, exact
+        assert by_method[exact]["same"] == 1.0 and by_method[exact]["greedy_agreement"] == 1.0, exact
+        # drift as the target's perplexity: the same tokens, the same score
+        assert by_method[exact]["target_perplexity"] == by_method["target+hf"]["target_perplexity"], exact
+    assert by_method["target+hf"]["target_perplexity"] >= 1.0 and "target_perplexity" in by_method["cllm+best"]
     assert by_method["target+hf"]["tokens_per_forward"] == pytest.approx(1.0)
     assert by_method["target+ar"]["tokens_per_forward"] == pytest.approx(1.0)
     assert set(by_method["target+best"]["accepted_by_source"]) == {"jacobi", "context", "corpus", "head"}

@@ -222,8 +222,11 @@ dist.destroy_process_group()
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, plain_sgd):
     common = dict(lr=0.05, max_steps=3, warmup=1, max_grad_norm=1e9)
     # the held-out check under FSDP: every process gathers the weights, the main one decodes
+    # with distillation each process holds its own frozen teacher; under FSDP an unsharded one
     runs = {"ddp-cllm": OBJECTIVES["cllm-global"], "ddp-jacobi-forcing": OBJECTIVES["jacobi-forcing"],
-            "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, heldout=2, min_agreement=0.0)}
+            "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, heldout=2, min_agreement=0.0),
+            "ddp-cllm-distill": dict(OBJECTIVES["cllm-global"], distill_weight=1.0, ar_weight=0.0),
+            "fsdp-jacobi-forcing-distill": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, distill_weight=1.0)}
     for name, options in runs.items():
         single = {k: v for k, v in options.items() if k != "fsdp"}
         train(setup["model"], setup["trajectories"], str(tmp_path / "one" / name),

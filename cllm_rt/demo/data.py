@@ -428,9 +428,13 @@ def token_agreement(candidate: list[int], target: list[int], span: int = AGREEME
 def quality(domain: str, output: str, target_output: str, reference: str, output_tokens: list[int],
             target_tokens: list[int]) -> dict:
     """Per-example quality of one output against the target's greedy output (agreement) and the data's
-    reference (accuracy); ``same``: the very tokens of the target's output."""
+    reference (accuracy); ``same``: the very tokens of the target's output; ``greedy_agreement``: the
+    training guard rail's difflib similarity of the whole answers (:func:`sequence_agreement`)."""
+    from ..training.train import sequence_agreement  # here: the training room (torch) loads only when scoring
+
     result = {"same": float(output_tokens == target_tokens),
-              "token_agreement": token_agreement(output_tokens, target_tokens)}
+              "token_agreement": token_agreement(output_tokens, target_tokens),
+              "greedy_agreement": sequence_agreement(output_tokens, target_tokens)}
     if domain == "math":
         mine = final_answer(output)
         # agreement: the same final answer as the target, or none where the target has none

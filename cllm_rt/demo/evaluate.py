@@ -22,6 +22,13 @@ every method; HF's forwards are counted with a forward hook, cllm_rt's from its 
 decoding reads exactly 1.0. Quality is measured against the target's greedy output (agreement) and
 against the data's reference (accuracy), see :func:`cllm_rt.demo.data.quality`.
 
+Drift of a trained model from the target, three ways (issue #20): greedy agreement (difflib similarity of
+the whole answer to the target's greedy answer, as the training guard rail measures it; ``same`` is the
+exact-match rate beside it), final-answer agreement (math), and the target's perplexity on the model's
+outputs (:func:`answer_nll`: the target scores each output after its prompt, untimed, once per run;
+``target_perplexity`` = exp(summed NLL / summed output tokens) over a row's prompts). An output that reads
+unlike anything the target would write scores high even where its final answer agrees.
+
 Per-run records are appended to ``runs.jsonl`` as they finish: an interrupted evaluation resumes (each
 corpus is rebuilt from the records already there, so the resumed runs see what they would have seen).
 """
@@ -29,6 +36,7 @@ corpus is rebuilt from the records already there, so the resumed runs see what t
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -100,6 +108,20 @@ def run_method(method: str, models: dict, input_ids: torch.Tensor, max_new_token
     return record
 
 
+def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
+    """Summed negative log-likelihood (nats, in float64) of ``answer`` after ``prompt`` under ``model``: one
+    teacher-forced forward, logits at the answer's positions only (0.0 for an empty answer)."""
+    if not answer:
+        return 0.0
+    ids = torch.tensor([prompt + answer], device=model.device)
+    with torch.inference_mode():
+        # the last len(answer) + 1 positions: the prompt's last token predicts answer[0], …; the final one
+        # predicts past the answer and is dropped
+        logits = model(ids, logits_to_keep=len(answer) + 1).logits[0, :-1]  # [len(answer), V]
+    log_probs = torch.log_softmax(logits.double(), -1)
+    return -log_probs.gather(1, torch.tensor(answer, device=logits.device)[:, None]).sum().item()
+
+
 def training_corpus(answers: list[list[int]]) -> Corpus:
     """A draft corpus of the target's own answers to training prompts (fixed points it produced)."""
     corpus = Corpus()
@@ -143,6 +165,8 @@ def evaluate(models: dict, tokenizer, examples: dict[str, list[data.Example]], m
                     run_method(method, models, input_ids, min(8, max_new_tokens[domain]), settings, Corpus())
                     warmed.add(method)
                 record = run_method(method, models, input_ids, max_new_tokens[domain], settings, corpus)
+                if "target" in models:  # drift: how likely the target finds this output (untimed)
+                    record["target_nll"] = answer_nll(models["target"], prompt, record["tokens"])
                 record.update({"domain": domain, "index": index, "method": method, "source": example.source,
                                "prompt_tokens": input_ids.shape[1]})
                 log.write(json.dumps(record) + "\n")
@@ -177,6 +201,8 @@ def summarize(records: list[dict], tokenizer, examples: dict[str, list[data.Exam
             # Jacobi and drafts run through a looping output at many tokens per forward, so a looping target
             # looks fast for the wrong reason: report tokens per forward over the non-looping outputs beside it.
             looping = [data.falls_into_loop(r["tokens"]) for r in runs]
+            scored = all("target_nll" in r for r in runs) and tokens  # records written before it lack it
+            drift = {"target_perplexity": math.exp(sum(r["target_nll"] for r in runs) / tokens)} if scored else {}
             clean = [r for r, loops in zip(runs, looping) if not loops]
             rows.append({
                 "method": method, "domain": domain, "prompts": len(exs), "new_tokens": tokens,
@@ -186,7 +212,7 @@ def summarize(records: list[dict], tokenizer, examples: dict[str, list[data.Exam
                 "tokens_per_second": tokens / seconds, "speedup": tokens / seconds / base_rate,
                 "loop_share": sum(looping) / len(runs),
                 "eos_share": sum(bool(r["tokens"]) and r["tokens"][-1] == tokenizer.eos_token_id for r in runs) / len(runs),
-                **{k: sum(v) / len(v) for k, v in quality.items()},
+                **{k: sum(v) / len(v) for k, v in quality.items()}, **drift,
                 **_summed(runs, "accepted_histogram"), **_summed(runs, "accepted_by_source"),
             })
     return rows
@@ -221,8 +247,10 @@ def format_table(rows: list[dict]) -> str:
               f"{'loops':>6} {'same':>5}  quality")
     lines = [header, "-" * (len(header) + 30)]
     for row in rows:
-        quality = ", ".join(f"{label} {row[key]:.0%}" for key, label in QUALITY_COLUMNS.get(row["domain"], [])
-                            if key in row)
+        quality = [f"{label} {row[key]:.0%}" for key, label in QUALITY_COLUMNS.get(row["domain"], []) if key in row]
+        if "target_perplexity" in row:
+            quality.append(f"target ppl {row['target_perplexity']:.2f}")
+        quality = ", ".join(quality)
         clean = row["non_loop_tokens_per_forward"]
         lines.append(f"{row['domain']:<6} {row['method']:<13} {row['tokens_per_forward']:7.2f} "
                      f"{'-' if clean is None else f'{clean:.2f}':>8} {row['tokens_per_second']:6.1f} "

@@ -11,6 +11,9 @@ point ``y*``.
 * Local consistency (Eq. 6): pull ``q(. | y^(j)_{<i})`` towards ``q(. | y^(j+1)_{<i})``, the next point.
 * AR loss (Eq. 7): next-token cross-entropy on an answer (the target's own greedy output, or the
   dataset's reference), which keeps generation quality; the paper weights it heavily (w = 10 in its code).
+* Distillation: KL(teacher || student) at the AR loss's positions, the teacher a frozen copy of the original
+  target. The AR label keeps only the target's argmax; the KL keeps its whole next-token distribution, so
+  the runner-up tokens (and with them the answers greedy decoding would give after a small drift) stay put.
 * Jacobi Forcing: global consistency of every block of an answer at once, student and teacher from one
   packed forward (:mod:`cllm_rt.training.packing`): the noisy copy of block k (a trajectory state chosen by
   a noise schedule) against the detached clean copy (the fixed point). JF's code uses soft cross-entropy;
@@ -68,10 +71,24 @@ def consistency_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, 
     Global consistency and Jacobi Forcing pass the fixed point as ``target_block``; local consistency the
     next point.
     """
-    student = F.log_softmax(student_logits.float(), -1)
-    target = F.log_softmax(target_logits.detach().float(), -1)
-    kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [B, n]
+    kl = _kl(student_logits, target_logits)  # [B, n]
     return _row_mean(kl, counted_positions(student_block, target_block, valid), row_weights)
+
+
+def _kl(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || student) over the last (vocabulary) axis, the target detached. Computed in float32 at least
+    (bf16 logits under autocast), and in float64 for float64 logits, so that a test can see 0 at a match."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student = F.log_softmax(student_logits.to(dtype), -1)
+    target = F.log_softmax(target_logits.detach().to(dtype), -1)
+    return F.kl_div(student, target, log_target=True, reduction="none").sum(-1)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at the answer positions in ``mask`` [B, T] (logits [B, T, V], aligned as for
+    :func:`autoregressive_loss`; the teacher detached); mean per row, then over rows, as the AR term, so a
+    global batch's value does not depend on its split into micro-batches and processes."""
+    return _row_mean(_kl(student_logits, teacher_logits), mask)
 
 
 def autoregressive_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,14 @@ Objectives (``TrainConfig.objective``):
     clean copies (detached teacher, and the AR loss on the greedy answer): ``consistency + ar_weight * AR``.
 Logits are computed only at the positions a loss reads, not over the whole sequence.
 
+Distillation (``distill_weight`` > 0) adds ``distill_weight * KL(teacher || student)`` at the AR term's
+positions (the clean answer: ``prompt + answer`` for cllm-*, the clean copies for jacobi-forcing), the
+teacher a frozen copy of the source model taken when the run starts (before a resume loads trained weights,
+so it is always the run's ``--model``), in eval mode and without gradients, run over ``prompt + answer``
+with logits at those positions only. Every process holds its own copy (under FSDP too: it is not sharded).
+The AR label keeps the target's argmax only; the KL its whole next-token distribution (issue #20:
+"keep the answers"). ``ar_weight`` may then be 0.
+
 Everything that decides the math derives from (seed, step): the data order is a seeded permutation per
 epoch and the point of each sample a seeded choice from its position in that stream (Jacobi Forcing's noisy
 states come from its schedule), so a run resumed from a checkpoint (model, optimizer, scheduler, RNG
@@ -44,6 +52,7 @@ with ``event: stopped`` and its ``reason`` when the guard rail stopped the run).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import json
@@ -62,7 +71,7 @@ from ..atomic_io import (atomic_write, atomic_write_json, read_jsonl_log, remove
                          truncate_jsonl_log)
 from ..models import resolve_model
 from .distributed import Processes, torchrun_processes
-from .losses import autoregressive_loss, consistency_loss
+from .losses import autoregressive_loss, consistency_loss, distillation_loss
 from .packing import pack_batch
 from .storage import BlockTrajectory, PromptTrajectories, load_trajectories, model_fingerprint, tokenizer_fingerprint
 
@@ -87,6 +96,7 @@ class TrainConfig:
     keep_models: bool = False  # also write each checkpoint's weights as a loadable model, out_dir/step-N/
     grad_checkpointing: bool = False
     ar_weight: float = 10.0
+    distill_weight: float = 0.0  # KL to the frozen source model at the AR positions (0: off, no teacher loaded)
     ar_target: str = "greedy"  # "greedy": the target's own answer; "reference": the dataset's answer (cllm-*)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -124,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0 or self.warmup < 0 or self.ar_weight < 0 or self.max_grad_norm <= 0:
             raise ValueError("lr and max_grad_norm must be > 0; warmup and ar_weight must be >= 0")
+        if not self.distill_weight >= 0:  # also NaN
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.heldout < 0 or not 0 <= self.min_agreement <= 1:
             raise ValueError(f"heldout must be >= 0 and min_agreement within [0, 1]; got {self.heldout}, "
                              f"{self.min_agreement}")
@@ -200,12 +212,14 @@ class StepLosses:
     total: float
     consistency: float
     ar: float
+    distill: float  # 0 when distillation is off
     tokens: int
     blocks: int  # blocks with a consistency term
 
 
-def cllm_batch_loss(model, samples: list[Sample], points: list[int], config: TrainConfig, device):
-    """Loss of one CLLM micro-batch (a tensor to backpropagate) and its terms for the log."""
+def cllm_batch_loss(model, samples: list[Sample], points: list[int], config: TrainConfig, device, teacher=None):
+    """Loss of one CLLM micro-batch (a tensor to backpropagate) and its terms for the log; ``teacher`` (a
+    frozen :class:`ScoredLogits`, with ``config.distill_weight`` > 0) adds the distillation term."""
     n = len(samples[0][1].states[0])
     contexts = [p.context(b) for p, b in samples]
     student = [b.states[j] for (_, b), j in zip(samples, points)]
@@ -233,14 +247,32 @@ def cllm_batch_loss(model, samples: list[Sample], points: list[int], config: Tra
     consistency = consistency_loss(logits[:split].view(len(samples), n, -1), target_logits.view(len(samples), n, -1),
                                    as_tensor(student), as_tensor(target), as_tensor([b.valid for _, b in samples]))
     labels = student_ids[ar[0] + len(samples), ar[1] + 1]  # [B, W]: the token after each scored position
-    ar_loss = autoregressive_loss(logits[split:].view(*labels.shape, -1), labels, ar[2])
-    total = consistency + config.ar_weight * ar_loss
-    tokens = sum(len(c) + n - 1 for c in contexts) * 2 + sum(len(r) for r in ar_rows)
-    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), tokens, len(samples))
+    ar_logits = logits[split:].view(*labels.shape, -1)
+    ar_loss = autoregressive_loss(ar_logits, labels, ar[2])
+    distill, teacher_tokens = _distillation(teacher, [p.prompt for p, _ in samples], answers, ar_logits)
+    total = consistency + config.ar_weight * ar_loss + config.distill_weight * distill
+    tokens = sum(len(c) + n - 1 for c in contexts) * 2 + sum(len(r) for r in ar_rows) + teacher_tokens
+    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), distill.item(), tokens, len(samples))
 
 
-def jacobi_forcing_batch_loss(model, answers: list[PromptTrajectories], config: TrainConfig, device):
-    """Loss of one Jacobi Forcing micro-batch: one packed forward over every block of every answer."""
+def _distillation(teacher, prompts: list[list[int]], answers: list[list[int]], student_logits: torch.Tensor):
+    """KL(teacher || student) at the answer positions of ``prompt + answer`` rows, where the AR term took the
+    student's logits ``student_logits`` [B, W, V] (W the longest answer); and the tokens of the teacher's
+    forward. (0, 0) without a teacher."""
+    device = student_logits.device
+    if teacher is None:
+        return torch.zeros((), device=device), 0
+    rows = [p + a for p, a in zip(prompts, answers)]
+    # answer token t is predicted at position len(prompt) - 1 + t, as for the AR labels
+    span_rows, span_cols, mask = _spans([len(p) - 1 for p in prompts], [len(a) for a in answers], device)
+    with torch.no_grad():  # the teacher is frozen: its forward keeps no graph
+        teacher_logits = teacher(_right_pad(rows, device), span_rows.flatten(), span_cols.flatten())
+    return distillation_loss(student_logits, teacher_logits.view_as(student_logits), mask), sum(map(len, rows))
+
+
+def jacobi_forcing_batch_loss(model, answers: list[PromptTrajectories], config: TrainConfig, device, teacher=None):
+    """Loss of one Jacobi Forcing micro-batch: one packed forward over every block of every answer (and, with a
+    ``teacher``, its no-grad forward over each prompt + answer for the distillation term)."""
     batch = pack_batch(answers, config.noise_window, device)
     logits = model(batch.input_ids, batch.rows, batch.cols, batch.attention_mask, batch.position_ids)  # [K, V]
     if len(batch.noisy_index):
@@ -248,9 +280,22 @@ def jacobi_forcing_batch_loss(model, answers: list[PromptTrajectories], config: 
                                        batch.fixed_points, batch.valid, batch.block_weights)
     else:  # every block of these answers sits at its schedule's fixed point: nothing to pull
         consistency = torch.zeros((), device=logits.device)
-    ar_loss = autoregressive_loss(logits[batch.ar_index], batch.ar_labels, batch.ar_mask)
-    total = consistency + config.ar_weight * ar_loss
-    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), batch.tokens, len(batch.noisy_index))
+    ar_logits = logits[batch.ar_index]  # [B, A, V]: the clean copies, a causal forward over prompt + answer
+    ar_loss = autoregressive_loss(ar_logits, batch.ar_labels, batch.ar_mask)
+    # the clean positions are those of an ordinary causal forward over prompt + answer (packing.py), so the
+    # teacher runs that forward, not the packed one: no noisy copies to compute
+    distill, teacher_tokens = _distillation(teacher, [p.prompt for p in answers], [p.answer for p in answers],
+                                            ar_logits)
+    total = consistency + config.ar_weight * ar_loss + config.distill_weight * distill
+    return total, StepLosses(total.item(), consistency.item(), ar_loss.item(), distill.item(),
+                             batch.tokens + teacher_tokens, len(batch.noisy_index))
+
+
+def sequence_agreement(candidate: list[int], target: list[int]) -> float:
+    """``2 M / (len(candidate) + len(target))``, M the tokens of difflib's longest matching blocks: one changed
+    token costs about one token, where a per-position comparison counts everything after it (module
+    docstring). The held-out guard rail's measure, and the evaluation's "greedy agreement"."""
+    return difflib.SequenceMatcher(None, candidate, target, autojunk=False).ratio()
 
 
 # ---------------------------------------------------------------- the run
@@ -311,6 +356,10 @@ class _Run:
             **{k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("batch_size", "save_every", "keep_models", "grad_checkpointing", "fsdp", "max_steps",
                             "loss", "min_agreement")}}
+        if not config.distill_weight:  # absent when off: runs begun before the term existed still resume
+            del self.identity["distill_weight"]
+        # the distillation teacher: the source model as loaded, before any step or resume changes self.lm
+        self.teacher = copy.deepcopy(self.lm).eval().requires_grad_(False) if config.distill_weight else None
         self._check_out_dir()
         self.order = DataOrder(len(self.samples), config.seed)
         self._checker = None  # the held-out check's model, on the main process, built at the first check
@@ -366,6 +415,7 @@ class _Run:
         self.lm.train()
         module = ScoredLogits(self.lm).to(processes.device)
         model = self._parallelize(module)
+        self.teacher_module = None if self.teacher is None else ScoredLogits(self.teacher).eval().to(processes.device)
         optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
@@ -415,9 +465,9 @@ class _Run:
     def _micro_batch_loss(self, model, positions: range):
         samples = [self.samples[self.order.sample(p)] for p in positions]
         if self.config.objective == "jacobi-forcing":
-            return jacobi_forcing_batch_loss(model, samples, self.config, self.processes.device)
+            return jacobi_forcing_batch_loss(model, samples, self.config, self.processes.device, self.teacher_module)
         points = [self.order.point(p, len(b.states)) for p, (_, b) in zip(positions, samples)]
-        return cllm_batch_loss(model, samples, points, self.config, self.processes.device)
+        return cllm_batch_loss(model, samples, points, self.config, self.processes.device, self.teacher_module)
 
     def _parallelize(self, module):
         processes = self.processes
@@ -455,12 +505,14 @@ class _Run:
         return entries[-1] if entries else {}
 
     def _log(self, step, terms: list[StepLosses], lr, grad_norm, seconds, check: dict) -> dict:
-        local = [sum(getattr(t, k) for t in terms) / len(terms) for k in ("total", "consistency", "ar")]
-        total, consistency, ar = self.processes.mean(local)
+        local = [sum(getattr(t, k) for t in terms) / len(terms) for k in ("total", "consistency", "ar", "distill")]
+        total, consistency, ar, distill = self.processes.mean(local)
         tokens = self.processes.sum(sum(t.tokens for t in terms))
         blocks = self.processes.sum(sum(t.blocks for t in terms))
+        distilled = {"distill": distill} if self.teacher is not None else {}  # absent when off
         return self._append_log({
-            "step": step, "loss": total, "consistency": consistency, "ar": ar, "lr": lr, "grad_norm": grad_norm,
+            "step": step, "loss": total, "consistency": consistency, "ar": ar, **distilled, "lr": lr,
+            "grad_norm": grad_norm,
             "tokens": int(tokens), "tokens_per_second": tokens / seconds, "blocks": int(blocks),
             "blocks_per_second": blocks / seconds, "seconds": seconds, **check})
 
@@ -511,7 +563,7 @@ class _Run:
         agreement = 0.0
         for p, row in zip(self.heldout, out.sequences[:, width:].tolist()):
             row = row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]  # padding is no answer
-            agreement += difflib.SequenceMatcher(None, row, p.answer, autojunk=False).ratio()
+            agreement += sequence_agreement(row, p.answer)
         return agreement / len(self.heldout), out.stats.tokens_per_forward
 
     def _check_baseline(self, module) -> None:
