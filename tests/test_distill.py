@@ -19,7 +19,8 @@ from cllm_rt.training import train as train_module
 from cllm_rt.training.collect import decode_trajectories
 from cllm_rt.training.storage import PromptTrajectories
 from cllm_rt.training.train import ScoredLogits, TrainConfig, cllm_batch_loss, jacobi_forcing_batch_loss, train
-from test_train import BASE, OBJECTIVES, _assert_same_updates, _log, _weights, plain_sgd, setup  # noqa: F401
+from test_train import (BASE, OBJECTIVES, _assert_same_updates, _log, _weights, plain_sgd, setup,  # noqa: F401
+                        train_killed_at)
 from tiny_models import random_prompts, tiny_model
 
 DISTILL = {"distill_weight": 1.0, "ar_weight": 0.0}
@@ -109,18 +110,8 @@ def test_teacher_is_the_frozen_source_model_at_every_step(setup, tmp_path, monke
 def test_resume_keeps_the_source_as_teacher_and_refuses_another_weight(setup, tmp_path, monkeypatch):
     config = dataclasses.replace(BASE, max_steps=4, save_every=2, **DISTILL)
     train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
-    log_step = train_module._Run._log
-
-    def killed_at_step_3(self, step, *args):
-        entry = log_step(self, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return entry
-
-    monkeypatch.setattr(train_module._Run, "_log", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)
-    monkeypatch.setattr(train_module._Run, "_log", log_step)
+    train_killed_at(monkeypatch, 3, setup["model"], setup["trajectories"], str(tmp_path / "cut"), config,
+                    progress=False)
     train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)  # from step 2
     whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [(e["loss"], e["distill"]) for e in whole] == [(e["loss"], e["distill"]) for e in cut]

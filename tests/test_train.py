@@ -106,23 +106,32 @@ def test_output_is_a_plain_hf_model_that_generates(setup, tmp_path, objective):
     torch.testing.assert_close(cllm_rt.generate(model, prompt, max_new_tokens=10, block_size=4).sequences, expected)
 
 
+def train_killed_at(monkeypatch, step: int, *args, **kwargs) -> None:
+    """``train(*args, **kwargs)`` killed (KeyboardInterrupt) right after it logs ``step``; later runs go whole."""
+    log_step = train_module._Run._log
+
+    def killed(self, logged, *rest):
+        entry = log_step(self, logged, *rest)
+        if logged == step:
+            raise KeyboardInterrupt("simulated kill")
+        return entry
+
+    monkeypatch.setattr(train_module._Run, "_log", killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(train_module._Run, "_log", log_step)
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
     config = TrainConfig(**OBJECTIVES[objective], lr=1e-3, batch_size=4, max_steps=6, save_every=2, warmup=2,
                          keep_models=True)
     train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
 
-    log_step = train_module._Run._log
-
-    def killed_at_step_5(self, step, *args):
-        entry = log_step(self, step, *args)
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return entry
-
-    monkeypatch.setattr(train_module._Run, "_log", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)
+    train_killed_at(monkeypatch, 5, setup["model"], setup["trajectories"], str(tmp_path / "cut"), config,
+                    progress=False)
     assert [e["step"] for e in _log(tmp_path / "cut")] == [1, 2, 3, 4, 5]
     # a power cut tears the log's last append; kills mid-save leave a checkpoint's temporary and model directories
     cut = tmp_path / "cut"
@@ -132,7 +141,6 @@ def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
     for folder in (cut / ".model-x1", cut / "step-4" / ".model-x2"):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half a model")
-    monkeypatch.setattr(train_module._Run, "_log", log_step)
     with pytest.warns(UserWarning, match="torn last line") as warned:
         train(setup["model"], setup["trajectories"], str(cut), config, progress=False)  # from step 4
     assert len([w for w in warned if "torn" in str(w.message)]) == 1
@@ -361,20 +369,12 @@ def test_out_dir_that_is_the_model_or_holds_other_files_is_refused_untouched(set
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_and_another_run_is_refused(setup, tmp_path, monkeypatch):
-    log_step = train_module._Run._log
-
-    def killed_at_step_1(self, step, *args):
-        log_step(self, step, *args)
-        raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_module._Run, "_log", killed_at_step_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)
+    train_killed_at(monkeypatch, 1, setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE,
+                    progress=False)
     assert sorted(files_in(tmp_path / "out")) == ["log.jsonl", "run.json"]
     with pytest.raises(ValueError, match="run.json belongs to another training run .lr: 0.001 there, 0.002 now"):
         train(setup["model"], setup["trajectories"], str(tmp_path / "out"), dataclasses.replace(BASE, lr=2e-3),
               progress=False)
-    monkeypatch.setattr(train_module._Run, "_log", log_step)
     assert train(setup["model"], setup["trajectories"], str(tmp_path / "out"), BASE, progress=False)["step"] == 4
     assert [e["step"] for e in _log(tmp_path / "out")] == [1, 2, 3, 4]
 
