@@ -44,8 +44,9 @@ def _math(split: str, count: int, data_dir: str | None):
     return (domain.train if split == "train" else domain.eval)[:count]
 
 
-def stage_collect(args) -> None:
-    """Run under torchrun (this file re-launches itself): every process collects its share of the prompts."""
+def stage_collect(args, split: str = "train") -> None:
+    """Run under torchrun (this file re-launches itself): every process collects its share of the prompts
+    (of GSM8K's ``split``: "train", or "eval" for held-out trajectories)."""
     import torch
 
     from cllm_rt.demo.data import prompt_tokens
@@ -55,7 +56,7 @@ def stage_collect(args) -> None:
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(MODEL, dtype="float32")
-    prompts = [Prompt(prompt_tokens(tokenizer, ex)) for ex in _math("train", args.prompts, args.data_dir)]
+    prompts = [Prompt(prompt_tokens(tokenizer, ex)) for ex in _math(split, args.prompts, args.data_dir)]
     settings = CollectSettings(block_size=BLOCK_SIZE, max_new_tokens=MAX_NEW_TOKENS, shard_size=16)
     with torchrun_processes("cpu") as processes:
         start = time.perf_counter()
