@@ -245,12 +245,7 @@ def report(args) -> dict:
         "extrapolation_note": "least-squares fits of a short run's few points, extended far beyond them; the "
                               "fits ignore epochs (the training set is small) and learning-rate decay",
         "rows": rows, "machine": {**machine(), "description": args.machine, "torch_threads": 1}}
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "curves-smollm2-gsm8k.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(format_table(results))
-    print(f"results: {path}")
+    bench_training.save_results(args, "curves-smollm2-gsm8k", results, format_table(results))
     _plot(results, os.path.join(args.results, "curves-smollm2-gsm8k.png"))
     return results
 
@@ -274,14 +269,9 @@ def format_table(results: dict) -> str:
 
 
 def _plot(results: dict, path: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # not a dependency of cllm_rt; the JSON holds every number of the picture
-        print("matplotlib is not installed: no PNG")
+    plt = bench_training.pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 3.6))
     blocks = [r["blocks_seen"] for r in results["rows"]]
     for ax, (measure, key) in zip(axes, MEASURES):
@@ -289,19 +279,11 @@ def _plot(results: dict, path: str) -> None:
             ax.plot(blocks, [r[split][measure][key] for r in results["rows"]], style, label=split)
         ax.set(xlabel="blocks seen", title=key.replace("_", " "))
         ax.legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct, GSM8K, block {BLOCK_SIZE}, {OBJECTIVE}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"curve: {path}")
+    bench_training.save_figure(plt, fig, f"SmolLM2-135M-Instruct, GSM8K, block {BLOCK_SIZE}, {OBJECTIVE}", path)
 
 
 def main() -> None:
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/curves")
-    parser.add_argument("--stage", choices=("all", "collect", "train", "evaluate", "report"), default="all")
+    parser = bench_training.stage_parser(__doc__, "runs/curves")
     parser.add_argument("--train-trajectories", required=True,
                         help="trajectories of GSM8K training prompts (bench_training / bench_distill collect)")
     parser.add_argument("--prompts", type=int, default=12, help="held-out GSM8K test prompts collected")
@@ -310,20 +292,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--states", type=int, default=200, help="recorded states measured per split, at most")
     parser.add_argument("--jacobi-prompts", type=int, default=6, help="prompts decoded per split and checkpoint")
-    parser.add_argument("--data-dir", help="holds gsm8k/ (default: ../shared/data)")
     parser.add_argument("--machine", default="", help="a description of the machine for the JSON")
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
-    if args.stage in ("all", "collect"):
-        stage_collect(args)
-    if args.stage in ("all", "train"):
-        stage_train(args)
-    if args.stage in ("all", "evaluate"):
-        stage_evaluate(args)
-    if args.stage in ("all", "report"):
-        report(args)
+    bench_training.run_stages(parser.parse_args(), {"collect": stage_collect, "train": stage_train,
+                                                    "evaluate": stage_evaluate, "report": report})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Everything runs in this one process at 1 thread, one stage after the other (the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -108,12 +107,7 @@ def report(args) -> dict:
         "machine": {**machine(), "description": args.machine, "torch_threads": 1},
         "note": f"small samples: {len(examples['math'])} test prompts, {manifest['prompts_kept']} training answers, "
                 f"{args.steps} steps of batch {BATCH_SIZE}"}
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "training-distill-smollm2-gsm8k.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(format_table(results))
-    print(f"results: {path}")
+    bench_training.save_results(args, "training-distill-smollm2-gsm8k", results, format_table(results))
     return results
 
 
@@ -127,29 +121,15 @@ def format_table(results: dict) -> str:
 
 
 def main() -> None:
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/distill")
-    parser.add_argument("--stage", choices=("all", "collect", "train", "evaluate", "report"), default="all")
+    parser = bench_training.stage_parser(__doc__, "runs/distill")
     parser.add_argument("--prompts", type=int, default=40, help="GSM8K training prompts collected")
     parser.add_argument("--eval-prompts", type=int, default=16, help="GSM8K test prompts evaluated")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--data-dir", help="holds gsm8k/ (default: ../shared/data)")
     parser.add_argument("--machine", default="", help="a description of the machine for the JSON")
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
-    if args.stage in ("all", "collect"):
-        bench_training.stage_collect(args)  # one process here: collect() runs it as a single rank
-    if args.stage in ("all", "train"):
-        stage_train(args)
-    if args.stage in ("all", "evaluate"):
-        stage_evaluate(args)
-    if args.stage in ("all", "report"):
-        report(args)
+    # one process here: collect() runs it as a single rank
+    bench_training.run_stages(parser.parse_args(), {"collect": bench_training.stage_collect, "train": stage_train,
+                                                    "evaluate": stage_evaluate, "report": report})
 
 
 if __name__ == "__main__":

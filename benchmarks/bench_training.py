@@ -183,12 +183,32 @@ def report(args) -> dict:
                "trajectories": {"prompts": manifest["prompts_done"], "kept": manifest["prompts_kept"],
                                 "blocks": sum(s["blocks"] for s in manifest["shards"])},
                "training": training, "rows": rows, "machine": machine_info(1), "versions": versions()}
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "training-smollm2-gsm8k.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(format_table(results))
+    save_results(args, "training-smollm2-gsm8k", results, format_table(results))
     _plot(rows, os.path.join(args.results, "training-smollm2-gsm8k.png"))
     return results
+
+
+def save_results(args, name: str, results: dict, table: str) -> None:
+    """``results`` as ``args.results/NAME.json``, and the table printed (every staged benchmark's report)."""
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, f"{name}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    print(table)
+    print(f"results: {path}")
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None where matplotlib (not a dependency) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:  # the JSON holds every number of the picture
+        print("matplotlib is not installed: no PNG")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def format_table(results: dict) -> str:
@@ -212,11 +232,9 @@ def format_table(results: dict) -> str:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     target = rows[0]
     for objective, color in zip(OBJECTIVES, ("tab:blue", "tab:orange")):
@@ -237,7 +255,12 @@ def _plot(rows: list[dict], path: str) -> None:
                 title="Quality (vs the target's greedy answers)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct, GSM8K, block {BLOCK_SIZE}: CLLM vs Jacobi Forcing at equal minutes")
+    save_figure(plt, fig, f"SmolLM2-135M-Instruct, GSM8K, block {BLOCK_SIZE}: CLLM vs Jacobi Forcing at equal minutes",
+                path)
+
+
+def save_figure(plt, fig, title: str, path: str) -> None:
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,16 +277,37 @@ def _parallel(args, worker: str, extra: list[list[str]]) -> None:
         sys.exit(f"{worker}: a worker failed (exit codes {codes})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/training")
-    parser.add_argument("--stage", choices=("all", "collect", "train", "evaluate", "report"), default="all")
-    parser.add_argument("--prompts", type=int, default=192, help="GSM8K training prompts collected")
-    parser.add_argument("--eval-prompts", type=int, default=16, help="GSM8K test prompts evaluated")
-    parser.add_argument("--minutes", type=float, default=40.0, help="training minutes per objective")
+STAGES = ("collect", "train", "evaluate", "report")
+
+
+def stage_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The arguments of a staged consistency-training benchmark (this one, bench_distill.py, bench_curves.py):
+    where its runs go, which stage to run, the data and where the JSON and the PNG go."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--stage", choices=("all",) + STAGES, default="all")
     parser.add_argument("--data-dir", help="holds gsm8k/ (default: ../shared/data)")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="where the JSON and the PNG go")
+    return parser
+
+
+def run_stages(args, stages: dict) -> None:
+    """Run, in this process at 1 thread, the stage ``args.stage`` names, or every one in STAGES order."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    for name in STAGES:
+        if args.stage in ("all", name):
+            stages[name](args)
+
+
+def main() -> None:
+    parser = stage_parser(__doc__, "runs/training")
+    parser.add_argument("--prompts", type=int, default=192, help="GSM8K training prompts collected")
+    parser.add_argument("--eval-prompts", type=int, default=16, help="GSM8K test prompts evaluated")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training minutes per objective")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--objective", help=argparse.SUPPRESS)
     parser.add_argument("--share", type=int, help=argparse.SUPPRESS)

@@ -290,11 +290,17 @@ class Engine:
                 self.metrics.tokens_per_forward.set(self._accepted / self._row_steps)
             seen_steps, seen_tokens = steps, tokens
 
+    def _corpus_of(self, tenant: int | None) -> Corpus:
+        """corpus="per-key": the tenant's corpus, made at its first request."""
+        if tenant not in self.corpora:
+            self.corpora[tenant] = Corpus()
+        return self.corpora[tenant]
+
     def _join(self, decoder: Decoder, joining: list[Generation]) -> None:
         """Prefill the joining requests in one forward. The Decoder checks and, if their group prefill fails,
         prefills each row alone, so only a request that cannot be decoded by itself fails; the others join."""
         try:
-            corpora = [self.corpora.setdefault(g.tenant, Corpus()) for g in joining] if self.per_key else None
+            corpora = [self._corpus_of(g.tenant) for g in joining] if self.per_key else None
             decoder.add([g.prompt for g in joining], [g.max_tokens for g in joining], [g.handle for g in joining],
                         [g.sampling for g in joining], corpora)
         except RowsFailed as failed:
