@@ -223,6 +223,8 @@ torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=
 dist.init_process_group("gloo")
 for out, options in json.loads(sys.argv[3]):
     train(sys.argv[1], sys.argv[2], out, TrainConfig(**options), progress=False)
+    print("finished", out, flush=True)
+dist.barrier()  # no process destroys the group while the other is still in a collective
 dist.destroy_process_group()
 """
 
@@ -246,7 +248,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, pla
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(driver), setup["model"], setup["trajectories"], json.dumps(two)],
                             env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     for name in runs:
         _assert_same_updates(tmp_path / "one" / name, tmp_path / "two" / name, setup["model"])
         one, two = _log(tmp_path / "one" / name), _log(tmp_path / "two" / name)

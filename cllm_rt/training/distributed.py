@@ -68,8 +68,12 @@ def torchrun_processes(device: str | None = None):
         owned = True
     else:
         owned = False
+    processes = Processes(rank, world_size, chosen)
     try:
-        yield Processes(rank, world_size, chosen)
+        yield processes
+        if owned:
+            # gloo aborts a process whose group is destroyed while a peer is still in a collective with it
+            processes.barrier()
     finally:
         if owned:
             dist.destroy_process_group()
