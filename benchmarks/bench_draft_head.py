@@ -1,4 +1,5 @@
-"""A draft head's end-to-end effect on SmolLM2-135M-Instruct: held-out GSM8K test prompts (chat template), batch 1,
+"""A draft head's end-to-end effect on SmolLM2-135M-Instruct: held-out GSM8K test prompts (--domain sql: Spider's
+held-out databases; chat template), batch 1,
 float32, one interleaved run (methods shuffled per prompt): HF greedy, HF prompt lookup (10 tokens), cllm_rt's
 default decoding on the target, and the same on the target with its draft head attached (a directory written by
 benchmarks/train_draft_head.py or `cllm-rt train-head`). Reports tokens/s, tokens per forward, and whether every
@@ -18,13 +19,15 @@ import torch
 import cllm_rt
 from bench_decoding import machine
 from cllm_rt import draft_head
-from cllm_rt.demo.data import load_math, prompt_tokens
+from cllm_rt.demo.data import load_domain, prompt_tokens
 from cllm_rt.models import load_model
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--domain", default="math", choices=["math", "sql"],
+                        help="GSM8K (train / test split) or Spider (held-out databases)")
     parser.add_argument("--head-model", required=True)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--skip", type=int, default=16, help="held-out prompts used by the offline measurement")
@@ -37,7 +40,7 @@ def main():
     head = draft_head.attached(headed)
     if head is None:
         raise SystemExit(f"{args.head_model} has no draft head")
-    examples = load_math(args.data_dir).eval[args.skip:args.skip + args.prompts + 1]  # the first one warms up
+    examples = load_domain(args.domain, args.data_dir).eval[args.skip:args.skip + args.prompts + 1]  # the first one warms up
     new = args.max_new_tokens
     methods = {
         "hf_greedy": lambda ids: (target.generate(ids, do_sample=False, max_new_tokens=new), None),

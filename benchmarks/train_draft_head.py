@@ -1,5 +1,5 @@
 """Train a draft head (cllm_rt.draft_head) for SmolLM2-135M-Instruct on GSM8K train prompts and measure it offline
-on held-out GSM8K test prompts; write the target + head as a model directory that load_model attaches it from.
+on held-out GSM8K test prompts (--domain sql: Spider's training databases and its held-out ones); write the target + head as a model directory that load_model attaches it from.
 
 Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of GSM8K's reference
 answers that the target agrees with. Offline metric: per depth, the share of held-out positions the head
@@ -16,7 +16,7 @@ import time
 import torch
 
 from cllm_rt import draft_head
-from cllm_rt.demo.data import load_math, prompt_tokens, reference_tokens
+from cllm_rt.demo.data import load_domain, prompt_tokens, reference_tokens
 from cllm_rt.models import load_model
 from cllm_rt.training.draft_head import fit_head, head_accuracy, head_examples
 
@@ -39,7 +39,7 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
 def features(model, tokenizer, args, start):
     """Hidden states and labels of the target's own greedy answers (train and held-out) and of the reference
     answers' stretches it agrees with (train)."""
-    data = load_math(os.environ.get("CLLM_RT_DATA"))
+    data = load_domain(args.domain, os.environ.get("CLLM_RT_DATA"))
     train, held = data.train[:args.train_prompts], data.eval[:args.eval_prompts]
     prompts = [prompt_tokens(tokenizer, e) for e in train + held]
     answers = greedy_answers(model, tokenizer, prompts, args.max_new_tokens, 32)
@@ -58,6 +58,8 @@ def features(model, tokenizer, args, start):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--domain", default="math", choices=["math", "sql"],
+                        help="GSM8K (train / test split) or Spider (held-out databases)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train-prompts", type=int, default=96)
     parser.add_argument("--eval-prompts", type=int, default=16)
