@@ -1,5 +1,6 @@
 """Train a draft head (cllm_rt.draft_head) for SmolLM2-135M-Instruct on GSM8K train prompts and measure it offline
-on held-out GSM8K test prompts (--domain sql: Spider's training databases and its held-out ones); write the target + head as a model directory that load_model attaches it from.
+on held-out GSM8K test prompts (--domain sql: prompts of Spider's training databases, scored on its held-out
+databases); write the target + head as a model directory that load_model attaches it from.
 
 Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of GSM8K's reference
 answers that the target agrees with. Offline metric: per depth, the share of held-out positions the head
