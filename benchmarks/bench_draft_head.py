@@ -1,8 +1,8 @@
 """A draft head's end-to-end effect on SmolLM2-135M-Instruct: held-out GSM8K test prompts (--domain sql: Spider's
-held-out databases; chat template), batch 1, float32, one interleaved run (methods shuffled per prompt): HF greedy, HF prompt lookup (10 tokens), cllm_rt's
-default decoding on the target, and the same on the target with its draft head attached (a directory written by
-benchmarks/train_draft_head.py or `cllm-rt train-head`). Reports tokens/s, tokens per forward, and whether every
-method's output equals HF greedy's.
+held-out databases; chat template), batch 1, float32, one interleaved run (methods shuffled per prompt): HF
+greedy, HF prompt lookup (10 tokens), cllm_rt's default decoding on the target, and the same on the target with
+its draft head attached (a directory written by benchmarks/train_draft_head.py or `cllm-rt train-head`). Reports
+tokens/s, tokens per forward, and whether every method's output equals HF greedy's.
 
     OMP_NUM_THREADS=1 flock /tmp/bench.lock python benchmarks/bench_draft_head.py --head-model DIR [--json PATH]
 """
