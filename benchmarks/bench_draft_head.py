@@ -39,7 +39,8 @@ def main():
     head = draft_head.attached(headed)
     if head is None:
         raise SystemExit(f"{args.head_model} has no draft head")
-    examples = load_domain(args.domain, args.data_dir).eval[args.skip:args.skip + args.prompts + 1]  # the first one warms up
+    held_out = load_domain(args.domain, args.data_dir).eval
+    examples = held_out[args.skip:args.skip + args.prompts + 1]  # the first one warms up
     new = args.max_new_tokens
     methods = {
         "hf_greedy": lambda ids: (target.generate(ids, do_sample=False, max_new_tokens=new), None),

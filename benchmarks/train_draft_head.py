@@ -2,7 +2,7 @@
 on held-out GSM8K test prompts (--domain sql: prompts of Spider's training databases, scored on its held-out
 databases); write the target + head as a model directory that load_model attaches it from.
 
-Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of GSM8K's reference
+Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of the dataset's reference
 answers that the target agrees with. Offline metric: per depth, the share of held-out positions the head
 guesses right, and the mean count of leading right guesses (tokens a head chain adds per step).
 
