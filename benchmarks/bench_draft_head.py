@@ -1,13 +1,15 @@
 """A draft head's end-to-end effect on SmolLM2-135M-Instruct: held-out GSM8K test prompts (--domain sql: Spider's
 held-out databases; chat template), batch 1, float32, one interleaved run (methods shuffled per prompt): HF
 greedy, HF prompt lookup (10 tokens), cllm_rt's default decoding on the target, and the same on the target with
-its draft head attached (a directory written by benchmarks/train_draft_head.py or `cllm-rt train-head`). Reports
+its draft head attached (a directory written by benchmarks/train_draft_head.py or `cllm-rt train-head`), once per
+``--branches`` value (the head's first guesses per step). Reports
 tokens/s, tokens per forward, and whether every method's output equals HF greedy's.
 
     OMP_NUM_THREADS=1 flock /tmp/bench.lock python benchmarks/bench_draft_head.py --head-model DIR [--json PATH]
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -32,13 +34,19 @@ def main():
     parser.add_argument("--skip", type=int, default=16, help="held-out prompts used by the offline measurement")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--data-dir", default=os.environ.get("CLLM_RT_DATA"))
+    parser.add_argument("--branches", type=int, nargs="+", default=[1, 2],
+                        help="the head's first guesses per step, one method each")
     parser.add_argument("--json")
     args = parser.parse_args()
     target, tokenizer = load_model(args.model, dtype=torch.float32)
-    headed, _ = load_model(args.head_model, dtype=torch.float32)
-    head = draft_head.attached(headed)
-    if head is None:
-        raise SystemExit(f"{args.head_model} has no draft head")
+    # one copy of the model per --branches value: what decoding learns about a model (its corpus of earlier
+    # outputs, draft calibration, step costs) must not carry one method's answers into another's drafts
+    headed = {b: load_model(args.head_model, dtype=torch.float32)[0] for b in args.branches}
+    for b, model in headed.items():
+        if draft_head.attached(model) is None:
+            raise SystemExit(f"{args.head_model} has no draft head")
+        draft_head.attached(model).branches = b
+    head = draft_head.attached(headed[args.branches[0]])
     held_out = load_domain(args.domain, args.data_dir).eval
     examples = held_out[args.skip:args.skip + args.prompts + 1]  # the first one warms up
     new = args.max_new_tokens
@@ -47,12 +55,13 @@ def main():
         "hf_prompt_lookup": lambda ids: (target.generate(ids, do_sample=False, max_new_tokens=new,
                                                          prompt_lookup_num_tokens=10), None),
         "cllm_rt_target": lambda ids: _cllm(target, ids, new),
-        "cllm_rt_target_with_head": lambda ids: _cllm(headed, ids, new),
+        **{f"cllm_rt_target_with_head_{b}_branches": functools.partial(_cllm, headed[b], new=new)
+           for b in args.branches},
     }
     rng = random.Random(0)
     totals = {m: {"seconds": 0.0, "tokens": 0, "forwards": 0} for m in methods}
     same = {m: 0 for m in methods}
-    head_accepted = head_proposed = 0
+    head_accepted, head_proposed = {m: 0 for m in methods}, {m: 0 for m in methods}
     for i, example in enumerate(examples):
         ids = torch.tensor([prompt_tokens(tokenizer, example)])
         order = list(methods)
@@ -69,9 +78,8 @@ def main():
             totals[name]["tokens"] += len(outputs[name])
             if stats is not None:
                 totals[name]["forwards"] += stats.forward_passes
-                if name == "cllm_rt_target_with_head":
-                    head_accepted += stats.accepted_by_source["head"]
-                    head_proposed += stats.proposed_by_source["head"]
+                head_accepted[name] += stats.accepted_by_source["head"]
+                head_proposed[name] += stats.proposed_by_source["head"]
         if i:
             for name in methods:
                 same[name] += outputs[name] == outputs["hf_greedy"]
@@ -84,12 +92,14 @@ def main():
                       "tokens_per_forward": t["tokens"] / t["forwards"] if t["forwards"] else None,
                       "same_as_hf_greedy": f"{same[name]}/{len(examples) - 1}"}
     base = rows["hf_greedy"]["tokens_per_s"]
-    print(f"{'method':28} {'tok/s':>7} {'x HF':>6} {'tok/fwd':>7} same")
+    print(f"{'method':40} {'tok/s':>7} {'x HF':>6} {'tok/fwd':>7} same")
     for name, r in rows.items():
         tpf = "" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}"
-        print(f"{name:28} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} {tpf:>7} {r['same_as_hf_greedy']}")
-    result = {"rows": rows, "head": draft_head.describe(head), "head_accepted": head_accepted,
-              "head_proposed": head_proposed, "prompts": len(examples) - 1, "max_new_tokens": new,
+        print(f"{name:40} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} {tpf:>7} {r['same_as_hf_greedy']}")
+    result = {"rows": rows, "head": draft_head.describe(head),
+              "head_accepted": {m: n for m, n in head_accepted.items() if "head" in m},
+              "head_proposed": {m: n for m, n in head_proposed.items() if "head" in m},
+              "prompts": len(examples) - 1, "max_new_tokens": new,
               "machine": machine()["cpu"], "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
               "conditions": "float32, batch 1, one interleaved run"}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))

@@ -38,7 +38,7 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
 
 
 def features(model, tokenizer, args, start):
-    """Hidden states and labels of the target's own greedy answers (train and held-out) and of the reference
+    """(hidden states, roots, labels) of the target's own greedy answers (train and held-out) and of the reference
     answers' stretches it agrees with (train)."""
     data = load_domain(args.domain, os.environ.get("CLLM_RT_DATA"))
     train, held = data.train[:args.train_prompts], data.eval[:args.eval_prompts]
@@ -49,11 +49,11 @@ def features(model, tokenizer, args, start):
     own = [(p + a, len(p)) for p, a in zip(prompts, answers)]
     refs = [(p + reference_tokens(tokenizer, e), len(p)) for p, e in zip(prompts, train)]
     n = len(train)
-    x_train, y_train = head_examples(model, own[:n] + refs, args.depth)
-    x_eval, y_eval = head_examples(model, own[n:], args.depth)
-    print(f"features: {len(x_train)} train / {len(x_eval)} held-out positions in "
+    train_set = head_examples(model, own[:n] + refs, args.depth)
+    eval_set = head_examples(model, own[n:], args.depth)
+    print(f"features: {len(train_set[0])} train / {len(eval_set[0])} held-out positions in "
           f"{time.perf_counter() - start - gen_s:.0f} s", flush=True)
-    return x_train, y_train, x_eval, y_eval
+    return train_set, eval_set
 
 
 def main():
@@ -76,25 +76,24 @@ def main():
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     if args.features and os.path.exists(args.features):
-        x_train, y_train, x_eval, y_eval = torch.load(args.features)
+        train_set, eval_set = torch.load(args.features)
     else:
-        x_train, y_train, x_eval, y_eval = features(model, tokenizer, args, start)
+        train_set, eval_set = features(model, tokenizer, args, start)
         if args.features:
-            torch.save((x_train, y_train, x_eval, y_eval), args.features)
-    lm_head = model.get_output_embeddings()
-    untrained = head_accuracy(draft_head.DraftHead(x_train.shape[1], args.depth), lm_head, x_eval, y_eval)
-    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:2048]
+            torch.save((train_set, eval_set), args.features)
+    untrained = head_accuracy(draft_head.DraftHead(train_set[0].shape[1], args.depth), model, *eval_set)
+    sample = torch.randperm(len(train_set[0]), generator=torch.Generator().manual_seed(0))[:2048]
     curve = []
 
     def log(message, head):
-        curve.append(head_accuracy(head, lm_head, x_eval, y_eval))
+        curve.append(head_accuracy(head, model, *eval_set))
         print(f"{message}; held-out right by depth {[round(a, 3) for a in curve[-1]['accuracy_by_depth']]}, "
               f"leading {curve[-1]['leading_right']:.3f}", flush=True)
 
-    head = fit_head(lm_head, x_train, y_train, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log=log)
-    result = {"train_sample": head_accuracy(head, lm_head, x_train[sample], y_train[sample]), "held_out_by_epoch": curve,
-              "held_out": head_accuracy(head, lm_head, x_eval, y_eval),
-              "held_out_untrained": untrained, "train_positions": len(x_train), "seconds": time.perf_counter() - start,
+    head = fit_head(model, *train_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log=log)
+    result = {"train_sample": head_accuracy(head, model, *(t[sample] for t in train_set)), "held_out_by_epoch": curve,
+              "held_out": head_accuracy(head, model, *eval_set),
+              "held_out_untrained": untrained, "train_positions": len(train_set[0]), "seconds": time.perf_counter() - start,
               "args": vars(args), "description": draft_head.describe(head),
               "conditions": f"{torch.get_num_threads()} thread(s), float32", "load_average_after": os.getloadavg()}
     print(json.dumps(result, indent=1), flush=True)

@@ -1,18 +1,20 @@
-"""A draft head: small layers over the frozen target's last hidden state that guess the tokens after its next one.
+"""A draft head: a small block over the frozen target's last hidden state that guesses the tokens after its next one.
 
-Medusa-1's heads (Cai et al. 2024), trained as a consistency head: head k maps the hidden state that predicts
-token t+1 to one that predicts token t+1+k, ``h + SiLU(W_k h + b_k)`` (zero-initialised: at first every head
-repeats the target's own next token), read out through the target's own LM head, so the head adds
-``depth * (d² + d)`` parameters and no vocabulary-sized matrix. It guesses among the tokens it was trained
+EAGLE's idea (Li et al. 2024) at its smallest: one residual block, shared over ``depth`` steps, maps the
+hidden state that predicts token t+1 and the embedding of that token to a state that predicts token t+2,
+and so on, each step conditioned on the guess before it, read out through the target's own LM head. It
+adds ``6 d² + 3 d`` parameters whatever the depth, and no vocabulary-sized matrix. Why it replaced
+Medusa-1's heads (one independent block per depth, format 1): a Medusa head guessing token t+3 cannot know
+which token t+2 it bets on, and measured on the same features the token-conditioned head gets far more
+leading guesses right on held-out prompts (README "Draft head"). It guesses among the tokens it was trained
 to predict (``vocab``, the LM head's rows for them gathered once): reading the whole LM head for a few
-guesses per step cost SmolLM2 more than the guesses saved (measured: 25.3 → 19.1 tokens/s at 2.23 → 2.54
-tokens per forward). Its labels are the target's own greedy tokens
+guesses per step cost SmolLM2 more than the guesses saved. Its labels are the target's own greedy tokens
 (:mod:`cllm_rt.training.draft_head`). The head only proposes: its guesses enter the token tree as the
 ``head`` draft source and the unchanged target verifies them, so the output stays exactly the target's.
 
 Saved beside the model as ``HEAD_FILE`` with the target's fingerprint; :func:`cllm_rt.models.load_model`
 attaches it (:func:`attach`), so every entry point that decodes that model uses it with no new argument, and
-refuses, in one line, a head trained for other weights.
+refuses, in one line, a head trained for other weights or saved in another format.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import ops
 
 HEAD_FILE = "cllm_draft_head.safetensors"
 ATTRIBUTE = "cllm_draft_head"  # where attach() keeps the head on the model
-_FORMAT = "1"
+_FORMAT = "2"  # 1: Medusa-1 heads, one per depth, blind to the tokens guessed before
 
 
 def model_fingerprint(model, dtype: torch.dtype | None = None) -> dict:
@@ -51,40 +52,79 @@ def target_fingerprint(model) -> str:
 
 
 class DraftHead(torch.nn.Module):
-    """``depth`` residual blocks over a hidden state [.., d]; block k-1 guesses the token k+1 places ahead,
-    among the token ids ``vocab`` (default: the whole vocabulary)."""
+    """One residual block shared over ``depth`` steps, each conditioned on the token the previous step chose:
+    step k maps (the hidden state that predicts token t+k, that token) to the hidden state that predicts
+    token t+k+1, and the readout guesses among the token ids ``vocab`` (default: the whole vocabulary)."""
 
     def __init__(self, hidden_size: int, depth: int, vocab: torch.Tensor | None = None):
         super().__init__()
         if depth < 1 or hidden_size < 1:
             raise ValueError(f"a draft head needs depth >= 1 and hidden_size >= 1, got {depth}, {hidden_size}")
-        self.blocks = torch.nn.ModuleList(torch.nn.Linear(hidden_size, hidden_size) for _ in range(depth))
+        self.depth = depth
+        self.mix = torch.nn.Linear(2 * hidden_size, 2 * hidden_size)
+        self.out = torch.nn.Linear(2 * hidden_size, hidden_size)
         self.register_buffer("vocab", torch.zeros(0, dtype=torch.long) if vocab is None else vocab.long())
         self._readout = None  # (which LM head weight it was gathered from, its rows for vocab, their bias)
-        for block in self.blocks:  # Medusa's start: the identity, i.e. the target's own next token
-            torch.nn.init.zeros_(block.weight)
-            torch.nn.init.zeros_(block.bias)
+        self.branches = 1  # first guesses proposed (a run-time choice, not saved: the weights serve any)
+        torch.nn.init.zeros_(self.out.weight)  # the identity at first: every guess repeats the token it follows
+        torch.nn.init.zeros_(self.out.bias)
 
     @property
-    def depth(self) -> int:
-        return len(self.blocks)
+    def hidden_size(self) -> int:
+        return self.out.out_features
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[.., d] -> [.., depth, d]: the hidden states the LM head reads for each guess."""
-        return torch.stack([hidden + F.silu(block(hidden)) for block in self.blocks], -2)
+    def step(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """[.., d] x [.., d] -> [.., d]. Both inputs are RMS-normalised without weights, so a model's own
+        embedding scale (Gemma multiplies by sqrt(d)) or a late layer's large norm does not swamp the other."""
+        size = (self.hidden_size,)
+        mixed = torch.cat([F.rms_norm(hidden, size), F.rms_norm(token_embedding, size)], -1)
+        return hidden + self.out(F.silu(self.mix(mixed)))
 
-    def propose(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-        """Greedy guesses [N, depth] from the target's hidden states [N, d] at the rows' last verified nodes."""
-        states = self(hidden.to(self.blocks[0].weight.dtype)).to(lm_head.weight.dtype)  # [N, depth, d]
-        if not len(self.vocab):
-            if lm_head.bias is None:  # the fused op streams the vocabulary once for every guess
-                return ops.lm_head_argmax(states, lm_head.weight)
-            return F.linear(states, lm_head.weight, lm_head.bias).argmax(-1)
-        source = (id(lm_head.weight), lm_head.weight.data_ptr(), lm_head.weight.dtype)  # gathered once per weight
-        if self._readout is None or self._readout[0] != source:
-            bias = None if lm_head.bias is None else lm_head.bias.detach()[self.vocab]
-            self._readout = (source, lm_head.weight.detach()[self.vocab], bias)
-        return self.vocab[F.linear(states, self._readout[1], self._readout[2]).argmax(-1)]
+    def forward(self, hidden: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: [N, d] and the embeddings [N, depth, d] of the token each step follows (the
+        target's next token, then the labels) -> [N, depth, d], the hidden states the LM head reads."""
+        states = []
+        for k in range(self.depth):
+            hidden = self.step(hidden, token_embeddings[:, k])
+            states.append(hidden)
+        return torch.stack(states, 1)
+
+    def propose(self, hidden: torch.Tensor, roots: torch.Tensor, lm_head: torch.nn.Module,
+                embedding: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guesses from the target's hidden states [N, d] at the rows' last verified nodes and the tokens [N]
+        those nodes predict (the next roots): tokens [N, branches, depth] and the head's probability of each
+        given the ones before it. Branch j starts with the head's j-th likeliest token, then follows its
+        likeliest each time, each step conditioned on the guess before it (EAGLE-2's lesson: a second
+        first guess is where a draft tree gains most). The branches share one matmul per step."""
+        n = len(roots)
+        hidden = self.step(hidden.to(self.out.weight.dtype), embedding(roots).to(self.out.weight.dtype))
+        probabilities, ids = self._readout_probabilities(hidden, lm_head)
+        top, index = probabilities.topk(min(self.branches, probabilities.shape[-1]), -1)  # [N, k]
+        branches = top.shape[1]
+        tokens, chances = [ids[index].flatten()], [top.flatten()]
+        hidden = hidden.repeat_interleave(branches, 0)  # [N * k, d]
+        for _ in range(self.depth - 1):
+            hidden = self.step(hidden, embedding(tokens[-1]).to(hidden.dtype))
+            probabilities, ids = self._readout_probabilities(hidden, lm_head)
+            chance, index = probabilities.max(-1)
+            tokens.append(ids[index])
+            chances.append(chance)
+        return (torch.stack(tokens, 1).view(n, branches, self.depth),
+                torch.stack(chances, 1).view(n, branches, self.depth))
+
+    def _readout_probabilities(self, states: torch.Tensor, lm_head: torch.nn.Module):
+        """The head's distribution [.., V'] over the tokens it guesses among, and those tokens' ids [V']."""
+        weight, bias, ids = lm_head.weight, lm_head.bias, self.vocab
+        if len(self.vocab):
+            source = (id(lm_head.weight), lm_head.weight.data_ptr(), lm_head.weight.dtype)  # gathered once
+            if self._readout is None or self._readout[0] != source:
+                gathered_bias = None if bias is None else bias.detach()[self.vocab]
+                self._readout = (source, weight.detach()[self.vocab], gathered_bias)
+            weight, bias = self._readout[1], self._readout[2]
+        else:
+            ids = torch.arange(weight.shape[0], device=weight.device)
+        logits = F.linear(states.to(weight.dtype), weight, bias)
+        return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)), ids
 
 
 def save(head: DraftHead, directory: str, target) -> str:
@@ -92,7 +132,7 @@ def save(head: DraftHead, directory: str, target) -> str:
     from safetensors.torch import save_file
 
     path = os.path.join(directory, HEAD_FILE)
-    meta = {"format": _FORMAT, "depth": str(head.depth), "hidden_size": str(head.blocks[0].in_features),
+    meta = {"format": _FORMAT, "depth": str(head.depth), "hidden_size": str(head.hidden_size),
             "target": target_fingerprint(target)}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
     save_file(state, path, metadata=meta)
@@ -112,7 +152,8 @@ def load(directory: str, target) -> DraftHead | None:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a draft head of format {_FORMAT} (found {meta.get('format')!r})")
+        raise ValueError(f"{path} is not a draft head of format {_FORMAT} (found {meta.get('format')!r}): "
+                         f"retrain it with `cllm-rt train-head` or remove it")
     if meta.get("target") != target_fingerprint(target):
         raise ValueError(f"{path} was trained for other weights than the model in {directory} (fingerprint "
                          f"{str(meta.get('target'))[:12]}, the model's {target_fingerprint(target)[:12]}): "
@@ -137,7 +178,7 @@ def describe(head: DraftHead) -> str:
     params = sum(p.numel() for p in head.parameters())
     size = sum(p.numel() * p.element_size() for p in head.parameters())
     rows = f"{len(head.vocab):,} LM-head rows gathered" if len(head.vocab) else "the whole LM head"
-    return (f"draft head: depth {head.depth}, {params:,} parameters, {size / 2**20:.1f} MiB; guesses read {rows}")
+    return (f"draft head: {head.depth} steps, {params:,} parameters, {size / 2**20:.1f} MiB; guesses read {rows}")
 
 
 __all__ = ["HEAD_FILE", "DraftHead", "attach", "attached", "describe", "load", "model_fingerprint", "save",

@@ -197,6 +197,15 @@ def test_verdicts_follow_the_measurements():
     assert pipeline.check_targets([r for r in _rows() if r["method"] != "cllm+best"], {"math": 256}) == []
 
 
+def test_the_exact_variants_verdicts_compare_it_with_the_target_under_the_same_decoding():
+    exact = {"domain": "math", "method": "exact+best", "tokens_per_second": 31.0, "same": 1.0}
+    verdicts = pipeline.check_targets(_rows() + [exact], {"math": 256})  # target+best runs at 20 tok/s
+    assert [(c["holds"], c["measured"]) for c in verdicts[:2]] == [(True, "100% same"), (True, "1.55x")]
+    slower = pipeline.check_targets(_rows() + [{**exact, "tokens_per_second": 29.0, "same": 0.5}], {"math": 256})
+    assert [(c["holds"], c["measured"]) for c in slower[:2]] == [(False, "50% same"), (False, "1.45x")]
+    assert len(verdicts) == 7 and [c["holds"] for c in verdicts[2:]] == [True] * 5
+
+
 # ---------------------------------------------------------------- end to end
 
 def _chat_tokenizer():
@@ -248,14 +257,15 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     results = run()  # ... continues where it stopped
     log = capsys.readouterr().out
     assert "data: done earlier" in log and "target: done earlier" in log and "collect ..." in log
-    for path in ("trajectories/manifest.json", "cllm/config.json", "cllm/model.safetensors", "cllm/tokenizer.json",
+    for path in ("trajectories/manifest.json", "exact/config.json", "exact/cllm_draft_head.safetensors",
+                 "cllm/config.json", "cllm/model.safetensors", "cllm/tokenizer.json",
                  "cllm/checkpoint.pt", "eval/runs.jsonl", "results.json"):
         assert (out / path).exists(), path
     assert not (out / "target").exists()  # no fine-tune: the target is used as given, and recorded
     assert results["target"]["path"] == target
     by_method = {row["method"]: row for row in results["table"]}
     assert set(by_method) == set(METHODS)
-    for exact in ("target+lookup", "target+ar", "target+jacobi", "target+best"):  # only verified tokens, in float64
+    for exact in ("target+lookup", "target+ar", "target+jacobi", "target+best", "exact+best"):  # verified, float64
         assert by_method[exact]["same"] == 1.0 and by_method[exact]["greedy_agreement"] == 1.0, exact
         # drift as the target's perplexity: the same tokens, the same score
         assert by_method[exact]["target_perplexity"] == by_method["target+hf"]["target_perplexity"], exact
@@ -263,10 +273,10 @@ def test_demo_end_to_end_with_resume(tmp_path, capsys):
     assert by_method["target+hf"]["tokens_per_forward"] == pytest.approx(1.0)
     assert by_method["target+ar"]["tokens_per_forward"] == pytest.approx(1.0)
     assert set(by_method["target+best"]["accepted_by_source"]) == {"jacobi", "context", "corpus", "head"}
-    assert by_method["target+best"]["accepted_by_source"]["head"] == 0  # the demo trains no draft head
+    assert by_method["target+best"]["accepted_by_source"]["head"] == 0  # the head is the exact variant's alone
     assert results["corpus_seed_answers"] == {"math": 6}  # the target's answers to the trajectory prompts
     assert results["versions"]["torch"] == torch.__version__ and results["machine"]["torch_threads"] == 2
-    assert len(results["targets"]) == 5 and results["samples"]["math"]["prompt"].startswith("Question:")
+    assert len(results["targets"]) == 7 and results["samples"]["math"]["prompt"].startswith("Question:")
     assert "tok/fwd" in log and "target (GSM8K held-out)" in log and "stage times:" in log
     try:
         import matplotlib  # noqa: F401

@@ -1,4 +1,4 @@
-"""The demo's methods table: speed and quality of six decoding methods on held-out prompts per domain.
+"""The demo's methods table: speed and quality of seven decoding methods on held-out prompts per domain.
 
 Methods (all greedy, batch size 1, the same prompts and ``max_new_tokens``):
   ``target+hf``       the target with ``model.generate`` (the baseline every speedup is relative to)
@@ -7,6 +7,7 @@ Methods (all greedy, batch size 1, the same prompts and ``max_new_tokens``):
   ``target+jacobi``   the target with ``cllm_rt.generate(drafts=None, block_size=n)`` (plain Jacobi decoding)
   ``target+best``     the target with ``cllm_rt.generate(drafts="auto")``: cllm_rt's best exact decoding
   ``cllm+best``       the consistency-trained model, same decoding
+  ``exact+best``      the target with the draft head the demo trained (the exact variant), same decoding
 
 Fair drafts: the "corpus" draft source of ``drafts="auto"`` would by default read every earlier output of
 the process, including other methods' outputs of the same prompt. Each (method, domain) therefore gets its
@@ -50,7 +51,7 @@ from ..runtime.decoding import generate as cllm_generate
 from ..runtime.drafts import Corpus
 from . import data
 
-METHODS = ("target+hf", "target+lookup", "target+ar", "target+jacobi", "target+best", "cllm+best")
+METHODS = ("target+hf", "target+lookup", "target+ar", "target+jacobi", "target+best", "cllm+best", "exact+best")
 BASELINE = "target+hf"  # every speedup is relative to it, and its output is the target's greedy answer
 
 
@@ -260,7 +261,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
     """speedup.png (bars per method and domain) and tokens_per_forward.png (tokens made final per forward,
-    target vs CLLM). Returns the files written; none (with a message) without matplotlib."""
+    target, CLLM and the exact variant). Returns the files written; none (with a message) without matplotlib."""
     try:
         import matplotlib
 
@@ -286,8 +287,8 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     written = [_save(plt, fig, os.path.join(out_dir, "speedup.png"))]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    shown = ("target+jacobi", "target+best", "cllm+best")
-    for offset, method in zip((-0.27, 0.0, 0.27), shown):
+    shown = ("target+jacobi", "target+best", "cllm+best", "exact+best")
+    for offset, method in zip((-0.3, -0.1, 0.1, 0.3), shown):
         hist = [0] * 65
         for r in rows:
             if r["method"] == method and "accepted_histogram" in r:
@@ -296,7 +297,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
         total = sum(hist)
         if total:
             last = max(k for k, c in enumerate(hist) if c)
-            ax.bar([k + offset for k in range(1, last + 1)], [hist[k] / total for k in range(1, last + 1)], 0.27,
+            ax.bar([k + offset for k in range(1, last + 1)], [hist[k] / total for k in range(1, last + 1)], 0.2,
                    label=f"{method} (mean {sum(k * c for k, c in enumerate(hist)) / total:.2f})")
     ax.set_xlabel("tokens made final by one decode forward")
     ax.set_ylabel("share of forwards")

@@ -82,7 +82,8 @@ class _Row:
     output: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
-    head: list[int] = field(default_factory=list)  # the draft head's guesses past the next root
+    head: list[tuple[list[int], list[float]]] = field(default_factory=list)  # the draft head's chains past the
+    # next root, each with the head's probability of every token
     steps: int = 0  # decode forwards this row took part in
     sampling: SamplingParams | None = None  # None: greedy
     corpus: Corpus | None = None  # where its "corpus" drafts come from and its finished answer goes
@@ -116,8 +117,9 @@ class _Row:
             # a caller's corpus may hold ids this model has no embedding for: cut a draft before them
             found = [c[:next((i for i, t in enumerate(c) if not 0 <= t < vocab), len(c))] for c in found]
             tree.add_trie([c for c in found if c], stats.calibration, "corpus", matched)
-        if "head" in sources and depth > 0 and self.head:
-            tree.add_trie([self.head[:depth]], stats.calibration, "head")
+        if "head" in sources and depth > 0:
+            for chain, chances in self.head:
+                tree.add_scored(chain[:depth], chances[:depth], stats.calibration, "head")
         return tree
 
 
@@ -436,8 +438,8 @@ def _check_drafts(drafts) -> tuple[str, ...]:
 
 def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row], draft_head=None):
     """Run the trees in one forward, commit each row's accepted path; return greedy tokens, paths, NaN flags
-    (a row flagged NaN holds garbage) and the draft head's guesses past each row's next root (host; empty
-    lists without a head)."""
+    (a row flagged NaN holds garbage) and the draft head's chains past each row's next root (host, as
+    ``(tokens, probabilities)`` pairs; empty lists without a head)."""
     width = max(map(len, trees))
     device = cache.lengths.device
     # ragged rows: padding nodes are roots of their own (parent -1) whose outputs are ignored
@@ -449,11 +451,13 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row],
     sampling = batch_sampling([row.sampling for row in rows], device)
     greedy, accepted, path, nan, guesses = tree_step(model, cache, tokens, depths, parents, chains, sampling,
                                                      draft_head)
-    parts = [nan[:, None], accepted[:, None], greedy, path] + ([] if guesses is None else [guesses])
-    host = torch.cat(parts, 1).tolist()  # the step's one host sync
+    host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)
-    return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host], [h[2 + 2 * width:] for h in host]
+    heads = [[] for _ in host]
+    if guesses is not None:  # computed before the sync above returned: these copies wait for nothing
+        heads = [list(zip(t, c)) for t, c in zip(guesses[0].tolist(), guesses[1].tolist())]
+    return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host], heads
 
 
 def _emit(out: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:

@@ -12,13 +12,14 @@ greedy predictions are committed, so no source can change the output, only the s
   ``jacobi``   the previous step's greedy predictions past the accepted token, i.e. Jacobi decoding's next
                iterate (recycled from the tree's rejected branch): what a CLLM is trained to make right.
   ``head``     a draft head's guesses (:mod:`cllm_rt.draft_head`, only when one is attached to the model):
-               small layers over the target's hidden state at the last accepted node, trained on the
-               target's own greedy tokens, guessing the tokens after the next one.
+               a small block over the target's hidden state at the last accepted node and the token it
+               predicts, trained on the target's own greedy tokens, guessing the tokens after that one; one
+               chain per first guess, each token with the head's own probability of it.
 
 Scores: a node's score estimates the probability that it is accepted, ``score(parent) * min(1, c * f)``,
 where ``f`` is the fraction of the parent's matches that continue with this token (1 for the Jacobi
-chain) and ``c`` a per-(source, depth) calibration learnt online from which proposals the model accepted
-(:class:`AcceptanceStats`). The expected tokens of a tree are then ``1 + sum of its nodes' scores`` (the
+chain, the head's probability for its guesses) and ``c`` a per-(source, depth) calibration learnt online
+from which proposals the model accepted (:class:`AcceptanceStats`). The expected tokens of a tree are then ``1 + sum of its nodes' scores`` (the
 root's successor is always final), which is what :mod:`cllm_rt.runtime.cost` trades against time.
 """
 
@@ -169,23 +170,26 @@ class DraftTree:
             node = child
 
     def add_trie(self, continuations: list[list[int]], calibration, source: str, matched: int = 0) -> None:
-        """Insert continuations counted as a trie: a node's score is its parent's times the calibrated
-        share of the parent's continuations that go through it (``calibration(source, matched, depth)``,
-        ``matched`` the length of the suffix match that found them)."""
+        """Insert continuations counted as a trie: a node's share is the share of its parent's continuations
+        that go through it (scored by :meth:`add_scored`)."""
         prefix_counts: dict[tuple[int, ...], int] = {}
         for c in continuations:
             for d in range(1, len(c) + 1):
                 prefix_counts[tuple(c[:d])] = prefix_counts.get(tuple(c[:d]), 0) + 1
-        total = len(continuations)
         for c in continuations:
-            scores, shares, parent_count, parent_score = [], [], total, 1.0
-            for d in range(1, len(c) + 1):
-                count = prefix_counts[tuple(c[:d])]
-                shares.append(count / parent_count)
-                parent_score *= min(1.0, calibration(source, matched, d) * shares[-1])
-                scores.append(parent_score)
-                parent_count = count
-            self.add_branch(c, scores, shares, source, matched)
+            counts = [len(continuations)] + [prefix_counts[tuple(c[:d])] for d in range(1, len(c) + 1)]
+            self.add_scored(c, [count / parent for parent, count in zip(counts, counts[1:])], calibration, source,
+                            matched)
+
+    def add_scored(self, chain: list[int], shares: list[float], calibration, source: str, matched: int = 0) -> None:
+        """Insert a chain whose tokens have the given shares (each token's probability given the ones before it,
+        by the source's own count): a node's score is its parent's times its calibrated share,
+        ``calibration(source, matched, depth)``, ``matched`` the length of the suffix match that found it."""
+        scores, parent_score = [], 1.0
+        for depth, share in enumerate(shares, 1):
+            parent_score *= min(1.0, calibration(source, matched, depth) * share)
+            scores.append(parent_score)
+        self.add_branch(chain, scores, shares, source, matched)
 
     def best(self, budget: int) -> "DraftTree":
         """The ``budget`` highest-scoring nodes (a subtree, since a child never outscores its parent),
@@ -235,7 +239,7 @@ class AcceptanceStats:
     same model: how often drafts are right is a property of the model and its data.
     """
 
-    PRIOR = {"jacobi": 0.2, "context": 0.6, "corpus": 0.4, "head": 0.6}
+    PRIOR = {"jacobi": 0.2, "context": 0.6, "corpus": 0.4, "head": 1.0}  # a head's shares are its own probabilities
     STRENGTH = 4.0  # pseudo-observations of the prior
     DEPTHS = 8  # depths beyond share the last bucket
     MATCHES = 4  # longer suffix matches share the last bucket

@@ -78,13 +78,13 @@ def jacobi_step(model, cache: JacobiCache, block: torch.Tensor):
 
 def tree_step(model, cache: JacobiCache, tokens: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor,
               chains: bool, sampling: ops.Sampling | None = None, draft_head=None):
-    """Forward token trees ``tokens`` [B, n] (``chains``: every row's tree is the chain 0-1-2-…, the plain
-    block); return ``(greedy [B, n], accepted [B], path [B, n], nan [B], guesses)`` as
-    :func:`cllm_rt.ops.tree_verify` defines them, leaving the cache uncommitted. With ``sampling`` the
-    "greedy" tokens are the seeded sampled ones: node i predicts the token at position
-    ``length + depths[i] + 1``, whatever tree it sits in. ``guesses`` [B, depth]: ``draft_head``'s proposals
-    from the hidden state at each row's last accepted node, the tokens after its next one (None without a
-    head); they are only proposals, so the verified output does not depend on them."""
+    """Forward token trees ``tokens`` [B, n] (``chains``: every row's tree is the chain 0-1-2-…, the plain block);
+    return ``(greedy [B, n], accepted [B], path [B, n], nan [B], guesses)`` as :func:`cllm_rt.ops.tree_verify`
+    defines them, leaving the cache uncommitted. With ``sampling`` the "greedy" tokens are the seeded sampled
+    ones: node i predicts the token at position ``length + depths[i] + 1``, whatever tree it sits in.
+    ``guesses``: ``draft_head``'s proposals from the hidden state at each row's last accepted node and the next
+    root it predicts, the tokens after that root and the head's probabilities of them ([B, branches, depth]
+    each; None without a head); they are only proposals, so the verified output does not depend on them."""
     positions = cache.lengths[:, None] + depths + 1
     hidden = forward_block(model, cache, tokens, depths, None if chains else parents)
     greedy, accepted = greedy_verify(model, hidden, tokens, sampling, positions)
@@ -97,7 +97,8 @@ def tree_step(model, cache: JacobiCache, tokens: torch.Tensor, depths: torch.Ten
     if draft_head is not None:
         last = path.gather(1, (accepted - 1)[:, None])  # [B, 1]: the node whose prediction is the next root
         guesses = draft_head.propose(hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[2]))[:, 0],
-                                     model.get_output_embeddings())
+                                     greedy.gather(1, last)[:, 0], model.get_output_embeddings(),
+                                     model.get_input_embeddings())
     return greedy, accepted, path, hidden.isnan().flatten(1).any(1), guesses
 
 

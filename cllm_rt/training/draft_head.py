@@ -2,8 +2,8 @@
 
 The target never changes, so its hidden states are computed once, without gradients (one forward per
 sequence, teacher-forced over prompt + answer), and the head trains for many epochs on them in seconds.
-Labels: at answer position t (its hidden state predicts token t+1), head k's label is the target's greedy
-token at t+k, valid only where tokens t+1..t+k are the target's own greedy tokens too, so that every label
+Labels: at answer position t (its hidden state predicts token t+1, the root), step k's label is the target's
+greedy token at t+k, valid only where tokens t+1..t+k are the target's own greedy tokens too, so that every label
 is what greedy decoding would produce after that prefix (on the target's own answers every label is valid;
 on a dataset's reference answers only the stretches the target agrees with are). The loss reads logits
 over the labels' vocabulary only (the frozen LM head's rows for tokens that occur as labels): a few
@@ -24,12 +24,13 @@ IGNORE = -1
 
 
 @torch.inference_mode()
-def head_examples(model, sequences: list[tuple[list[int], int]], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states [N, d] (float32) and labels [N, depth] (``IGNORE`` where invalid) of every answer
-    position whose next token is the target's greedy one; ``sequences``: (tokens, index of the first answer
-    token)."""
+def head_examples(model, sequences: list[tuple[list[int], int]],
+                  depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states [N, d] (float32), roots [N] (the target's greedy next token at each, the token the head's
+    first step follows) and labels [N, depth] (``IGNORE`` where invalid) of every answer position whose next
+    token is the target's greedy one; ``sequences``: (tokens, index of the first answer token)."""
     lm_head = model.get_output_embeddings()
-    hidden_rows, label_rows = [], []
+    hidden_rows, root_rows, label_rows = [], [], []
     for tokens, start in sequences:
         ids = torch.tensor([tokens], device=lm_head.weight.device)
         hidden = model.base_model(input_ids=ids).last_hidden_state[0]  # [L, d]
@@ -45,22 +46,28 @@ def head_examples(model, sequences: list[tuple[list[int], int]], depth: int) -> 
             labels[:, k - 1] = torch.where(valid, greedy[ahead.clamp(max=len(tokens) - 1)], IGNORE)
         keep = labels[:, 0] != IGNORE
         hidden_rows.append(hidden[positions[keep]].float().cpu())
+        root_rows.append(greedy[positions[keep]].cpu())
         label_rows.append(labels[keep].cpu())
-    return torch.cat(hidden_rows), torch.cat(label_rows)
+    return torch.cat(hidden_rows), torch.cat(root_rows), torch.cat(label_rows)
 
 
-def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, epochs: int = 4,
+def fit_head(model, hidden: torch.Tensor, roots: torch.Tensor, labels: torch.Tensor, *, epochs: int = 4,
              lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0, log=None) -> DraftHead:
-    """A float32 head trained with AdamW on (hidden, labels) through the frozen LM head's label rows;
-    ``log(message, head)`` after each epoch (e.g. to watch held-out accuracy)."""
+    """A float32 head trained with AdamW on (hidden, roots, labels) through the frozen target's LM head rows
+    for the labels and its input embeddings; ``log(message, head)`` after each epoch (e.g. to watch held-out
+    accuracy). Teacher-forced: step k follows label k-1 (the root at step 1), the token it follows when the
+    guesses before it are right, which is the only case where its own guess can be accepted."""
     torch.manual_seed(seed)
+    lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     vocab = labels[labels != IGNORE].unique()  # [V']: what the head learns to guess, and guesses among
     head = DraftHead(hidden.shape[1], labels.shape[1], vocab)
     to_sub = torch.full((int(lm_head.weight.shape[0]),), IGNORE, dtype=torch.long)
     to_sub[vocab] = torch.arange(len(vocab))
     targets = torch.where(labels == IGNORE, IGNORE, to_sub[labels.clamp(min=0)])
+    follows = torch.cat([roots[:, None], labels[:, :-1].clamp(min=0)], 1)  # [N, depth]; IGNORE'd steps' loss is masked
     weight = lm_head.weight.detach()[vocab].float()  # [V', d]
     bias = None if lm_head.bias is None else lm_head.bias.detach()[vocab].float()
+    table = embedding.weight.detach().float()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     order = list(range(len(hidden)))
     rng = random.Random(seed)
@@ -69,7 +76,7 @@ def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
         total, batches = 0.0, 0
         for i in range(0, len(order), batch_size):
             batch = torch.tensor(order[i:i + batch_size])
-            logits = F.linear(head(hidden[batch]), weight, bias)  # [b, depth, V']
+            logits = F.linear(head(hidden[batch], table[follows[batch]]), weight, bias)  # [b, depth, V']
             loss = F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), ignore_index=IGNORE)
             optimizer.zero_grad()
             loss.backward()
@@ -81,11 +88,13 @@ def fit_head(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
 
 
 @torch.inference_mode()
-def head_accuracy(head: DraftHead, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Per depth, the share of valid labels the head's full-vocabulary argmax gets right; and on positions
-    whose labels are all valid, the mean count of leading right guesses (tokens a chain of them adds)."""
-    guesses = torch.cat([head.propose(hidden[i:i + 512].to(lm_head.weight.dtype), lm_head)
-                         for i in range(0, len(hidden), 512)])
+def head_accuracy(head: DraftHead, model, hidden: torch.Tensor, roots: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per depth, the share of valid labels the head gets right decoding on its own (each step follows its own
+    previous guess, as at run time); and on positions whose labels are all valid, the mean count of leading
+    right guesses (tokens a chain of them adds)."""
+    lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    guesses = torch.cat([head.propose(hidden[i:i + 512], roots[i:i + 512], lm_head, embedding)[0][:, 0]
+                         for i in range(0, len(hidden), 512)])  # the first branch: the head's likeliest chain
     valid = labels != IGNORE
     right = (guesses == labels) & valid
     accuracy = [float(right[:, k].sum() / valid[:, k].sum().clamp(min=1)) for k in range(labels.shape[1])]
@@ -120,7 +129,6 @@ def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template
     ``use_reference``, the stretches of their 'answer' fields it agrees with) → a draft head, written with a
     copy of the target into ``out_dir`` so that ``load_model(out_dir)`` attaches it. Returns the head's
     accuracy on (up to 2,048 of) its training positions."""
-    from ..draft_head import describe, save
     from ..models import load_model
     from .prompt_file import read_prompt_file
 
@@ -134,9 +142,21 @@ def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template
     if use_reference:
         sequences += [(p + tokenizer(t.reference, add_special_tokens=False)["input_ids"], len(p))
                       for p, t in zip(prompts, texts)]
-    hidden, labels = head_examples(model, sequences, depth)
+    return write_model_with_head(model, tokenizer, sequences, out_dir, depth=depth, epochs=epochs, lr=lr,
+                                 weight_decay=weight_decay, seed=seed, log=log)
+
+
+def write_model_with_head(model, tokenizer, sequences: list[tuple[list[int], int]], out_dir: str, *, depth: int = 4,
+                          epochs: int = 6, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                          log=print) -> dict:
+    """A head fitted on ``sequences`` (the target's own answers: (tokens, index of the first answer token)),
+    written with ``model`` and ``tokenizer`` into ``out_dir``; returns its accuracy on (up to 2,048 of) its
+    training positions."""
+    from ..draft_head import describe, save
+
+    hidden, roots, labels = head_examples(model, sequences, depth)
     log(f"{len(hidden)} positions; training {epochs} epochs")
-    head = fit_head(model.get_output_embeddings(), hidden, labels, epochs=epochs, lr=lr, weight_decay=weight_decay,
+    head = fit_head(model, hidden, roots, labels, epochs=epochs, lr=lr, weight_decay=weight_decay,
                     seed=seed, log=lambda message, _head: log(message))
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -144,4 +164,4 @@ def train_head(model_spec: str, data_path: str, out_dir: str, *, prompt_template
     save(head, out_dir, model)
     log(f"{describe(head)}; saved with the target into {out_dir}")
     sample = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:2048]  # the full set costs minutes
-    return head_accuracy(head, model.get_output_embeddings(), hidden[sample].to(model.dtype), labels[sample])
+    return head_accuracy(head, model, hidden[sample], roots[sample], labels[sample])
