@@ -19,8 +19,9 @@ greedy predictions are committed, so no source can change the output, only the s
 Scores: a node's score estimates the probability that it is accepted, ``score(parent) * min(1, c * f)``,
 where ``f`` is the fraction of the parent's matches that continue with this token (1 for the Jacobi
 chain, the head's probability for its guesses) and ``c`` a per-(source, depth) calibration learnt online
-from which proposals the model accepted (:class:`AcceptanceStats`). The expected tokens of a tree are then ``1 + sum of its nodes' scores`` (the
-root's successor is always final), which is what :mod:`cllm_rt.runtime.cost` trades against time.
+from which proposals the model accepted (:class:`AcceptanceStats`). The expected tokens of a tree are then
+``1 + sum of its nodes' scores`` (the root's successor is always final), which is what
+:mod:`cllm_rt.runtime.cost` trades against time.
 """
 
 from __future__ import annotations

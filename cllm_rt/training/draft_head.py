@@ -1,13 +1,13 @@
 """Training a draft head (:mod:`cllm_rt.draft_head`) on the frozen target's own greedy tokens.
 
-The target never changes, so its hidden states are computed once, without gradients (one forward per
-sequence, teacher-forced over prompt + answer), and the head trains for many epochs on them in seconds.
-Labels: at answer position t (its hidden state predicts token t+1, the root), step k's label is the target's
-greedy token at t+k, valid only where tokens t+1..t+k are the target's own greedy tokens too, so that every label
-is what greedy decoding would produce after that prefix (on the target's own answers every label is valid;
-on a dataset's reference answers only the stretches the target agrees with are). The loss reads logits
-over the labels' vocabulary only (the frozen LM head's rows for tokens that occur as labels): a few
-thousand rows instead of the whole vocabulary, the same argmax where it matters, far less CPU.
+The target never changes, so its hidden states are computed once, without gradients (one forward per sequence,
+teacher-forced over prompt + answer), and the head trains for many epochs on them in seconds. Labels: at
+answer position t (its hidden state predicts token t+1, the root), step k's label is the target's greedy token
+at t+k, valid only where tokens t+1..t+k are the target's own greedy tokens too, so that every label is what
+greedy decoding would produce after that prefix (on the target's own answers every label is valid; on a
+dataset's reference answers only the stretches the target agrees with are). The loss reads logits over the
+labels' vocabulary only (the frozen LM head's rows for tokens that occur as labels): a few thousand rows
+instead of the whole vocabulary, the same argmax where it matters, far less CPU.
 """
 
 from __future__ import annotations
@@ -163,5 +163,5 @@ def write_model_with_head(model, tokenizer, sequences: list[tuple[list[int], int
     tokenizer.save_pretrained(out_dir)
     save(head, out_dir, model)
     log(f"{describe(head)}; saved with the target into {out_dir}")
-    sample = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:2048]  # the full set costs minutes
+    sample = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed))[:2048]  # all: minutes
     return head_accuracy(head, model, hidden[sample], roots[sample], labels[sample])
