@@ -20,7 +20,6 @@ refuses, in one line, a head trained for other weights or saved in another forma
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import torch
@@ -94,8 +93,9 @@ class DraftHead(torch.nn.Module):
         """Guesses from the target's hidden states [N, d] at the rows' last verified nodes and the tokens [N]
         those nodes predict (the next roots): tokens [N, branches, depth] and the head's probability of each
         given the ones before it. Branch j starts with the head's j-th likeliest token, then follows its
-        likeliest each time, each step conditioned on the guess before it (EAGLE-2's lesson: a second
-        first guess is where a draft tree gains most). The branches share one matmul per step."""
+        likeliest each time, each step conditioned on the guess before it. The branches share one matmul per
+        step (EAGLE-2's tree at its smallest; on a CPU, where each verified node costs, one branch measured
+        best: README "Draft head")."""
         n = len(roots)
         hidden = self.step(hidden.to(self.out.weight.dtype), embedding(roots).to(self.out.weight.dtype))
         probabilities, ids = self._readout_probabilities(hidden, lm_head)
