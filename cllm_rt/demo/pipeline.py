@@ -106,7 +106,8 @@ class Budget:
 
 
 # The default: ~77 minutes on 1 busy thread by the costs above (data and target ~1, collection ~17,
-# training ~20, evaluation ~39), so 43-59 minutes on 2 quiet threads.
+# training ~20, evaluation ~39). Measured on 2 quiet threads of an AMD EPYC (Zen 4) KVM, 2026-12-06: 49 min
+# (data and target 26 s, collection 588 s, head 99 s, training 680 s, evaluation of seven methods 1,552 s).
 DEFAULT = Budget()
 # --quick: every stage at a smoke-test size: 546 s on 1 thread of a busy machine (data 7 s, target 11,
 # collection 59, training 83, evaluation 386), under the 10-minute budget even so; the CLLM is barely
