@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "current directory)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    demo.add_argument("--until", help="stop after this stage: data, target, collect, train or evaluate (a rerun "
+    demo.add_argument("--until", help="stop after this stage: data, target, collect, head, train or evaluate (a rerun "
                       "without it continues)")
     demo.set_defaults(run=_demo)
 
