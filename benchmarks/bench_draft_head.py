@@ -2,8 +2,8 @@
 held-out databases; chat template), batch 1, float32, one interleaved run (methods shuffled per prompt): HF
 greedy, HF prompt lookup (10 tokens), cllm_rt's default decoding on the target, and the same on the target with
 its draft head attached (a directory written by benchmarks/train_draft_head.py or `cllm-rt train-head`), once per
-``--branches`` value (the head's first guesses per step). Reports
-tokens/s, tokens per forward, and whether every method's output equals HF greedy's.
+``--branches`` value (the head's first guesses per step). Reports tokens/s, tokens per forward, and whether every
+method's output equals HF greedy's.
 
     OMP_NUM_THREADS=1 flock /tmp/bench.lock python benchmarks/bench_draft_head.py --head-model DIR [--json PATH]
 """
@@ -61,7 +61,8 @@ def main():
     rng = random.Random(0)
     totals = {m: {"seconds": 0.0, "tokens": 0, "forwards": 0} for m in methods}
     same = {m: 0 for m in methods}
-    head_accepted, head_proposed = {m: 0 for m in methods}, {m: 0 for m in methods}
+    with_head = [m for m in methods if m.startswith("cllm_rt_target_with_head")]
+    head_accepted, head_proposed = dict.fromkeys(with_head, 0), dict.fromkeys(with_head, 0)
     for i, example in enumerate(examples):
         ids = torch.tensor([prompt_tokens(tokenizer, example)])
         order = list(methods)
@@ -78,8 +79,9 @@ def main():
             totals[name]["tokens"] += len(outputs[name])
             if stats is not None:
                 totals[name]["forwards"] += stats.forward_passes
-                head_accepted[name] += stats.accepted_by_source["head"]
-                head_proposed[name] += stats.proposed_by_source["head"]
+                if name in with_head:
+                    head_accepted[name] += stats.accepted_by_source["head"]
+                    head_proposed[name] += stats.proposed_by_source["head"]
         if i:
             for name in methods:
                 same[name] += outputs[name] == outputs["hf_greedy"]
@@ -97,8 +99,7 @@ def main():
         tpf = "" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}"
         print(f"{name:40} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / base:6.2f} {tpf:>7} {r['same_as_hf_greedy']}")
     result = {"rows": rows, "head": draft_head.describe(head),
-              "head_accepted": {m: n for m, n in head_accepted.items() if "head" in m},
-              "head_proposed": {m: n for m, n in head_proposed.items() if "head" in m},
+              "head_accepted": head_accepted, "head_proposed": head_proposed,
               "prompts": len(examples) - 1, "max_new_tokens": new,
               "machine": machine()["cpu"], "threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
               "conditions": "float32, batch 1, one interleaved run"}

@@ -93,7 +93,8 @@ def main():
     head = fit_head(model, *train_set, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log=log)
     result = {"train_sample": head_accuracy(head, model, *(t[sample] for t in train_set)), "held_out_by_epoch": curve,
               "held_out": head_accuracy(head, model, *eval_set),
-              "held_out_untrained": untrained, "train_positions": len(train_set[0]), "seconds": time.perf_counter() - start,
+              "held_out_untrained": untrained, "train_positions": len(train_set[0]),
+              "seconds": time.perf_counter() - start,
               "args": vars(args), "description": draft_head.describe(head),
               "conditions": f"{torch.get_num_threads()} thread(s), float32", "load_average_after": os.getloadavg()}
     print(json.dumps(result, indent=1), flush=True)

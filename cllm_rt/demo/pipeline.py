@@ -336,8 +336,9 @@ def stage_evaluate(p: Pipeline) -> dict:
     for prompt in load_trajectories(p.path("trajectories")).prompts:
         corpus_seed[domain_of[prompt.index]].append(prompt.answer)
     settings = evaluate.EvalSettings(block_size=b.block_size, lookup_tokens=b.lookup_tokens, seed=p.seed)
-    records = evaluate.evaluate({"target": target, "cllm": cllm, "exact": exact}, tokenizer, examples, budgets, p.path("eval"),
-                                settings, corpus_seed, progress=p.progress)
+    models = {"target": target, "cllm": cllm, "exact": exact}
+    records = evaluate.evaluate(models, tokenizer, examples, budgets, p.path("eval"), settings, corpus_seed,
+                                progress=p.progress)
     rows = evaluate.summarize(records, tokenizer, examples)
     results = {"table": rows, "targets": check_targets(rows, budgets), "machine": machine_info(p.threads),
                "versions": versions(), "seeds": {"seed": p.seed, "jacobi_guesses": p.seed},

@@ -82,8 +82,8 @@ class _Row:
     output: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # final tokens not yet emitted
     jacobi: list[int] = field(default_factory=list)  # the previous step's predictions past the accepted token
-    head: list[tuple[list[int], list[float]]] = field(default_factory=list)  # the draft head's chains past the
-    # next root, each with the head's probability of every token
+    # the draft head's chains past the next root, each with the head's probability of every token
+    head: list[tuple[list[int], list[float]]] = field(default_factory=list)
     steps: int = 0  # decode forwards this row took part in
     sampling: SamplingParams | None = None  # None: greedy
     corpus: Corpus | None = None  # where its "corpus" drafts come from and its finished answer goes
@@ -454,9 +454,9 @@ def _verify(model, cache: JacobiCache, trees: list[DraftTree], rows: list[_Row],
     host = torch.cat([nan[:, None], accepted[:, None], greedy, path], 1).tolist()  # the step's one host sync
     paths = [h[2 + width:2 + width + h[1]] for h in host]
     cache.commit_paths(paths, accepted)
-    heads = [[] for _ in host]
-    if guesses is not None:  # computed before the sync above returned: these copies wait for nothing
-        heads = [list(zip(t, c)) for t, c in zip(guesses[0].tolist(), guesses[1].tolist())]
+    # the head's guesses were computed before the sync above returned: these copies wait for nothing
+    heads = ([[] for _ in host] if guesses is None else
+             [list(zip(t, c)) for t, c in zip(guesses[0].tolist(), guesses[1].tolist())])
     return [h[2:2 + width] for h in host], paths, [bool(h[0]) for h in host], heads
 
 
