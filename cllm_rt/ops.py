@@ -76,13 +76,23 @@ def cpu_has_amx_bf16() -> bool:
 # head on a Xeon (family 6 model 207), 1 thread, 50 vs 121 us (1,536 x 576) and 2.1 vs 3.9 ms (the head) at 1 row,
 # 103 vs 132 us and 3.7 vs 4.0 ms at 3 rows, 133 vs 127 us and 5.0 vs 4.0 ms at 4 (torch's AMX GEMM from there).
 PAIR_DOT_MAX_ROWS = 3
+# float32/float64 linears of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows run faster through ops.linear, which reads each
+# weight once for all rows, than through torch, whose small-row GEMM re-reads the weights per row. SmolLM2's 30
+# layers and head, float32, Intel Xeon family 6 model 106, 1 thread, torch vs ops.linear: 42 vs 47 ms at 1 row,
+# 57 vs 60 at 3, 81 vs 56 at 4, 107 vs 57 at 8, 98 vs 78 at 16, 116 vs 115 at 24 (torch's GEMM from there).
+LINEAR_MIN_ROWS, LINEAR_MAX_ROWS = 4, 24
 
 
-def pair_dot_pays(x: torch.Tensor) -> bool:
-    """Whether a linear layer over ``x`` [..., K] is faster through :func:`linear` than through torch: bf16 on a
-    CPU, at most PAIR_DOT_MAX_ROWS rows, and an extension built with the AVX512-BF16 kernel."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _native_kernels_enabled and _C is not None
-            and bool(getattr(_C, "BF16_PAIR_DOT", 0)) and x.shape[:-1].numel() <= PAIR_DOT_MAX_ROWS)
+def linear_pays(x: torch.Tensor) -> bool:
+    """Whether a linear layer over ``x`` [..., K] is faster through :func:`linear` than through torch's: on a CPU,
+    float32/float64 with LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows, or bf16 with at most PAIR_DOT_MAX_ROWS rows
+    where the extension has the AVX512-BF16 kernel."""
+    if not (x.device.type == "cpu" and _native_kernels_enabled and _C is not None):
+        return False
+    rows = x.shape[:-1].numel()
+    if x.dtype == torch.bfloat16:
+        return bool(getattr(_C, "BF16_PAIR_DOT", 0)) and rows <= PAIR_DOT_MAX_ROWS
+    return x.dtype in (torch.float32, torch.float64) and LINEAR_MIN_ROWS <= rows <= LINEAR_MAX_ROWS
 
 
 _native_kernels_enabled = True
@@ -499,11 +509,14 @@ def greedy_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Greedy tokens [B, n] of the LM head (weight [V, d], bias [V] or None) over hidden [B, n, d], and
     the accepted lengths [B] of block [B, n], as jacobi_verify(F.linear(hidden, weight, bias), block).
 
-    Picks the implementation for the device and size, so that a decoding loop need not know devices: the
-    fused lm_head_argmax (no [B, n, V] logits) on CPU from FUSED_HEAD_MIN_ROWS rows on when there is no
-    bias (bf16 only where the CPU has no AMX: :func:`cpu_has_amx_bf16`), else the linear layer (:func:`linear`
-    where :func:`pair_dot_pays`, else torch's) and jacobi_verify.
+    Picks the implementation for the device and size, so that a decoding loop need not know devices:
+    :func:`linear` where :func:`linear_pays` (it beats the fused head too: SmolLM2's head on an Intel Xeon
+    family 6 model 106, 1 thread, 16.0 vs 24.2 ms at 8 rows), else the fused lm_head_argmax (no [B, n, V]
+    logits) on CPU from FUSED_HEAD_MIN_ROWS rows on when there is no bias (bf16 only where the CPU has no AMX:
+    :func:`cpu_has_amx_bf16`), else torch's linear layer, then jacobi_verify.
     """
+    if isinstance(hidden, torch.Tensor) and linear_pays(hidden):
+        return jacobi_verify(linear(hidden, [weight], [bias])[0], block)
     fused = (isinstance(hidden, torch.Tensor) and hidden.device.type == "cpu" and bias is None
              and hidden.shape[:2].numel() >= FUSED_HEAD_MIN_ROWS
              and not (hidden.dtype == torch.bfloat16 and cpu_has_amx_bf16()))
@@ -511,8 +524,6 @@ def greedy_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         greedy = lm_head_argmax(hidden, weight)
         _check_index_matrix("block", block, greedy.shape, "hidden", hidden)
         return greedy, accepted_length(block, greedy)
-    if isinstance(hidden, torch.Tensor) and pair_dot_pays(hidden):
-        return jacobi_verify(linear(hidden, [weight], [bias])[0], block)
     return jacobi_verify(F.linear(hidden, weight, bias), block)
 
 
@@ -642,7 +653,7 @@ def sample_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     if sampling is None or not bool((sampling.temperature > 0).any()):
         return greedy_verify(hidden, weight, bias, block)
-    logits = F.linear(hidden, weight, bias)
+    logits = linear(hidden, [weight], [bias])[0] if linear_pays(hidden) else F.linear(hidden, weight, bias)
     logits = logits.masked_fill(sampling_mask(logits, sampling), float("-inf"))
     tokens = gumbel_argmax(logits, sampling.seeds, positions, sampling.temperature)
     _check_index_matrix("block", block, tokens.shape, "hidden", hidden)

@@ -1,4 +1,4 @@
-"""Routing a bf16 model's linear layers to ops.linear for few rows, and only there."""
+"""Routing a model's linear layers to ops.linear where it pays (ops.linear_pays), and only there."""
 
 import pytest
 import torch
@@ -13,13 +13,26 @@ pair_dot = pytest.mark.skipif(not (ops.native_available() and ops._C.BF16_PAIR_D
 
 
 @pair_dot
-def test_pair_dot_pays_for_few_bf16_rows_on_a_cpu_only(monkeypatch):
+def test_linear_pays_for_few_bf16_rows_on_a_cpu_only(monkeypatch):
     x = torch.randn(ops.PAIR_DOT_MAX_ROWS, 16, dtype=torch.bfloat16)
-    assert ops.pair_dot_pays(x) and ops.pair_dot_pays(x[:1])
-    assert not ops.pair_dot_pays(torch.randn(ops.PAIR_DOT_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
-    assert not ops.pair_dot_pays(x.float()) and not ops.pair_dot_pays(x.double())
+    assert ops.linear_pays(x) and ops.linear_pays(x[:1])
+    assert not ops.linear_pays(torch.randn(ops.PAIR_DOT_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
     monkeypatch.setattr(ops, "_native_kernels_enabled", False)
-    assert not ops.pair_dot_pays(x)
+    assert not ops.linear_pays(x)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_pays_for_a_tree_s_rows_not_a_token_s_or_a_prompt_s(dtype, monkeypatch):
+    def x(*shape):
+        return torch.randn(*shape, 16, dtype=dtype)
+    assert ops.linear_pays(x(ops.LINEAR_MIN_ROWS)) and ops.linear_pays(x(ops.LINEAR_MAX_ROWS))
+    assert ops.linear_pays(x(2, ops.LINEAR_MIN_ROWS // 2))  # rows = batch x tokens
+    assert not ops.linear_pays(x(1, 1)) and not ops.linear_pays(x(ops.LINEAR_MIN_ROWS - 1))
+    assert not ops.linear_pays(x(1, ops.LINEAR_MAX_ROWS + 1))
+    assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS).half())
+    monkeypatch.setattr(ops, "_native_kernels_enabled", False)
+    assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS))
 
 
 @pair_dot
@@ -34,8 +47,14 @@ def test_a_bf16_model_routes_few_rows_and_is_restored():
     assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
 
 
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_other_dtypes_keep_torch_s_linear(dtype):
+def test_a_float_model_routes_a_tree_s_rows_and_keeps_torch_for_one_token(dtype):
     model = tiny_model("llama", dtype=dtype)
+    layer = model.model.layers[0].mlp.down_proj
+    K = layer.in_features
+    one, tree = torch.randn(1, 1, K, dtype=dtype), torch.randn(1, ops.LINEAR_MIN_ROWS, K, dtype=dtype)
     with routed_linears(model):
-        assert not any("forward" in vars(m) for m in model.modules())
+        assert torch.equal(layer(tree), ops.linear(tree, [layer.weight], [layer.bias])[0])
+        assert torch.equal(layer(one), F.linear(one, layer.weight, layer.bias))
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -1,13 +1,16 @@
 """Routing a Hugging Face model's linear layers through ``cllm_rt.ops.linear`` where that is faster.
 
-Where: :func:`cllm_rt.ops.pair_dot_pays` decides per call (bf16 on a CPU with the AVX512-BF16 kernel, at most
-``ops.PAIR_DOT_MAX_ROWS`` rows: a one-token step, or a tree of two or three nodes); every other call, and every
-model in another dtype or on another device, runs torch's own linear as before. So a float32 or float64 forward
-is untouched, and the float64 exactness tests see the HF forward they always saw.
+Where: :func:`cllm_rt.ops.linear_pays` decides per call: float32/float64 calls of ``ops.LINEAR_MIN_ROWS`` to
+``ops.LINEAR_MAX_ROWS`` rows (a token tree's or a batch's forward: the weights are read once for all its rows,
+where torch's small-row GEMM re-reads them per row), and bf16 calls of at most ``ops.PAIR_DOT_MAX_ROWS`` rows on
+a CPU with the AVX512-BF16 kernel. Every other call (a one-token step, a prefill), and every model on another
+device, runs torch's own linear as before. The float64 exactness tests run through the route: their trees and
+batches have those row counts.
 
-What changes in bf16: the routed products accumulate in float32 in another order than torch's bf16 GEMM, so a
-bf16 decode can pick another token than HF's bf16 ``generate`` where two logits are within bf16 rounding (it
-already could: torch's own bf16 GEMM rounds differently at one row than at many).
+What changes in float32 and bf16: the routed products sum in another order than torch's GEMM, so a decode can
+pick another token than HF's ``generate`` where two logits are within rounding (it already could: torch's own
+GEMM rounds differently at one row than at many). The kernel's sums do not depend on the row count, so within
+the route a token's bits do not depend on the tree it was verified in.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .. import ops
 
 
 def _routed_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    if ops.pair_dot_pays(input):
+    if ops.linear_pays(input):
         return ops.linear(input, [self.weight], [self.bias])[0]
     return F.linear(input, self.weight, self.bias)
 
@@ -30,10 +33,9 @@ def _routed_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def routed_linears(model: torch.nn.Module):
     """Run the ``nn.Linear`` layers of ``model`` through :func:`_routed_forward`, then restore them. Only models
-    whose weights are bf16 on a CPU are touched (the only case where the route can pay)."""
-    weight = model.get_output_embeddings().weight
+    on a CPU are touched (the only device where the route can pay)."""
     routed = []
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+    if model.get_output_embeddings().weight.device.type == "cpu":
         routed = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
     for module in routed:
         module.forward = types.MethodType(_routed_forward, module)

@@ -2,14 +2,15 @@
 // and several weights, each weight streamed from memory once for all rows.
 //
 // torch's small-row GEMM re-reads the weights per row (SmolLM2's LM head: 10.6 ms at 1 row,
-// 20 ms at 2); here threads take blocks of kNR weight rows, a block stays in L1 while every
-// input row passes over it, and the inputs stay in L2.
+// 20 ms at 2); here threads take blocks of weight rows, a tile of them stays in L1 while every
+// input row passes over it, the inputs stay in L1/L2, and the next tile is prefetched while
+// this one computes, so a forward over 8 tokens reads the weights at nearly the speed of one.
 //
 // Row invariance: each output element is its own vector accumulator over k, in k order,
 // reduced across lanes in a fixed tree, with the same instructions whatever the row count
-// (a block of kMR rows and the remainder kernels differ only in how many accumulators they
-// hold). So a row's result does not depend on the other rows of the call: a token tree's
-// forward gives bit for bit the tokens of a one-token forward, even in float32.
+// (the tile shapes differ only in how many accumulators they hold). So a row's result does
+// not depend on the other rows of the call: a token tree's forward gives bit for bit the
+// tokens of a one-token forward, even in float32.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -30,20 +31,23 @@
 namespace cllm_rt {
 namespace {
 
-// One vector register: a zmm with AVX-512, else a ymm.
+// Tiles of kM input rows x kN weight rows, one accumulator vector each: kM * kN accumulators +
+// kN weight vectors + 1 input vector must fit the register file (32 zmm / 16 ymm). Calls of a
+// few rows (a one-token step) take tall tiles: more weight rows streaming at once keep more
+// cache misses in flight. Wider calls take kMR rows per pass, so each weight vector loaded
+// from memory feeds up to kMR FMAs (an 8-node tree in one pass).
 #ifdef __AVX512F__
 constexpr int kVecBytes = 64;
-constexpr int kMR = 3;  // 3 x 8 accumulators + 8 weight vectors + 1 input = 33: the compiler keeps it in 32
+constexpr int kMR = 8, kNR = 3;          // 24 accumulators + 3 + 1 = 28 of 32 registers
+constexpr int kFewMR = 2, kFewNR = 8;    // 16 + 8 + 1 = 25
 #else
 constexpr int kVecBytes = 32;
-constexpr int kMR = 2;  // 2 x 4 accumulators + 4 + 1 = 13 of 16 registers
+constexpr int kMR = 4, kNR = 2;          // 8 + 2 + 1 = 11 of 16 (4 x 3 spills)
+constexpr int kFewMR = 2, kFewNR = 4;    // 8 + 4 + 1 = 13
 #endif
-#ifdef __AVX512F__
-constexpr int kNR = 8;  // weight rows per micro-kernel
-#else
-constexpr int kNR = 4;
-#endif
-constexpr int64_t kBlockRows = 16;  // weight rows per parallel task
+constexpr int kMaxMR = std::max(kMR, kFewMR), kMaxNR = std::max(kNR, kFewNR);
+constexpr int64_t kBlockRows = 24;  // weight rows per parallel task: a multiple of kNR and kFewNR
+static_assert(kBlockRows % kNR == 0 && kBlockRows % kFewNR == 0);
 
 template <typename acc_t>
 using V = simd::Vec<acc_t, kVecBytes>;
@@ -74,16 +78,33 @@ inline auto reduce_lanes(Vec v) {
   }
 }
 
+// The next weight tile, requested a few lines per k step while this one computes: a core busy
+// with the FMAs of a wide tile issues no demand loads for the next one, and memory would idle.
+// Into L2 (hint 2), beside the tile and inputs in use in L1.
+struct Prefetch {
+  const char* next;  // nullptr: nothing to fetch
+  int64_t bytes;
+  // Step `step` of a tile's k loop asks for lines [step * count, (step + 1) * count).
+  inline void lines(int64_t step, int count) const {
+    for (int64_t offset = step * count * 64; count > 0 && offset < bytes; --count, offset += 64) {
+      __builtin_prefetch(next + offset, 0, 2);
+    }
+  }
+};
+
 // out[m][n] = sum_k x[m][k] * w[n][k] for kM input rows and kN weight rows; x and w are acc_t
-// rows of strides ldx / ldw.
+// rows of strides ldx / ldw. Out of line: inlined into the block loop, GCC spilled
+// accumulators beside the prefetch bookkeeping (measured 2x slower at 16 rows).
 template <typename acc_t, int kM, int kN>
-inline void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w, int64_t ldw,
-                      acc_t out[kMR][kNR]) {
+__attribute__((noinline)) void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w,
+                                         int64_t ldw, Prefetch prefetch,
+                                         acc_t (*out)[kMaxNR]) {
   constexpr int64_t L = kLanes<acc_t>;
   V<acc_t> acc[kM][kN];
   for (int m = 0; m < kM; ++m)
     for (int n = 0; n < kN; ++n) acc[m][n] = V<acc_t>{};
-  const auto step = [&](auto load) {
+  const auto step = [&](int64_t k, auto load) {
+    if (prefetch.next) prefetch.lines(k / L, kN * sizeof(V<acc_t>) / 64);
     V<acc_t> wv[kN];
     for (int n = 0; n < kN; ++n) wv[n] = load(w + n * ldw);
     for (int m = 0; m < kM; ++m) {
@@ -93,15 +114,15 @@ inline void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w, in
   };
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    step([k](const acc_t* p) { return simd::load<V<acc_t>>(p + k); });
+    step(k, [k](const acc_t* p) { return simd::load<V<acc_t>>(p + k); });
   }
-  if (k < K) step([k, K](const acc_t* p) { return load_partial(p + k, K - k); });
+  if (k < K) step(k, [k, K](const acc_t* p) { return load_partial(p + k, K - k); });
   for (int m = 0; m < kM; ++m)
     for (int n = 0; n < kN; ++n) out[m][n] = reduce_lanes(acc[m][n]);
 }
 
-// Calls Dot::run<kM, kN>(args...) for the runtime rows <= kMR and cols <= kNR.
-template <typename Dot, int kM = kMR, int kN = kNR, typename... Args>
+// Calls Dot::run<kM, kN>(args...) for the runtime rows <= kMaxM and cols <= kMaxN.
+template <typename Dot, int kM, int kN, typename... Args>
 inline void dispatch_tile(int64_t rows, int64_t cols, Args... args) {
   if constexpr (kM > 0 && kN > 0) {
     if (rows < kM) return dispatch_tile<Dot, kM - 1, kN>(rows, cols, args...);
@@ -115,8 +136,8 @@ template <typename acc_t>
 struct WidenedDot {
   template <int kM, int kN>
   static void run(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w, int64_t ldw,
-                  acc_t (*out)[kNR]) {
-    micro_dot<acc_t, kM, kN>(K, x, ldx, w, ldw, out);
+                  Prefetch prefetch, acc_t (*out)[kMaxNR]) {
+    micro_dot<acc_t, kM, kN>(K, x, ldx, w, ldw, prefetch, out);
   }
 };
 
@@ -128,14 +149,16 @@ struct WidenedDot {
 // output element, chunks in k order, the same reduction whatever kM.
 struct Bf16PairDot {
   template <int kM, int kN>
-  static void run(int64_t K, const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w,
-                  int64_t ldw, float (*out)[kNR]) {
+  __attribute__((noinline)) static void run(int64_t K, const c10::BFloat16* x, int64_t ldx,
+                                            const c10::BFloat16* w, int64_t ldw,
+                                            Prefetch prefetch, float (*out)[kMaxNR]) {
     __m512 acc[kM][kN];
     for (int m = 0; m < kM; ++m)
       for (int n = 0; n < kN; ++n) acc[m][n] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
       // a row's tail reads zeros: 0 * 0 adds nothing
       const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+      if (prefetch.next) prefetch.lines(k / 32, kN);
       __m512bh wv[kN];
       for (int n = 0; n < kN; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * ldw + k);
       for (int m = 0; m < kM; ++m) {
@@ -161,16 +184,32 @@ struct Projection {
   int64_t N;
 };
 
+// One tile: rows x cols outputs of the tile shape kM x kN at most.
+template <int kM, int kN, typename scalar_t, typename acc_t>
+inline void tile(bool pair_dot, int64_t rows, int64_t cols, int64_t K, const scalar_t* input,
+                 const acc_t* x, const scalar_t* w_src, const acc_t* w, Prefetch prefetch,
+                 acc_t (*out)[kMaxNR]) {
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (pair_dot) return dispatch_tile<Bf16PairDot, kM, kN>(rows, cols, K, input, K, w_src, K, prefetch, out);
+  }
+#endif
+  dispatch_tile<WidenedDot<acc_t>, kM, kN>(rows, cols, K, x, K, w, K, prefetch, out);
+}
+
 template <typename scalar_t>
 void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
                    const std::vector<Projection<scalar_t>>& projections) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool kPairDot = kBf16PairDot && std::is_same_v<scalar_t, c10::BFloat16>;  // reads bf16 as is
+  constexpr bool kWidenTiles = kWiden && !kPairDot;  // weights widened tile by tile into a buffer
   // The input rows widened once (they are read once per weight block).
-  std::vector<acc_t> xbuf(kWiden && !kPairDot ? R * K : 0);
+  std::vector<acc_t> xbuf(kWidenTiles ? R * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
   const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
+  const bool few = R <= kFewMR;
+  const int64_t tile_rows = few ? kFewMR : kMR, tile_cols = few ? kFewNR : kNR;
 
   // Tasks: kBlockRows-row blocks of every weight, numbered across the weights.
   std::vector<int64_t> first_block(projections.size() + 1, 0);
@@ -178,29 +217,36 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
     first_block[p + 1] = first_block[p] + (projections[p].N + kBlockRows - 1) / kBlockRows;
   }
   at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> wbuf(kWiden && !kPairDot ? kNR * K : 0);
-    acc_t out[kMR][kNR];
+    std::vector<acc_t> wbuf(kWidenTiles ? kMaxNR * K : 0);
+    acc_t out[kMaxMR][kMaxNR];
     for (int64_t block = begin; block < end; ++block) {
       const size_t p = std::upper_bound(first_block.begin(), first_block.end(), block) -
                        first_block.begin() - 1;
       const Projection<scalar_t>& proj = projections[p];
       const int64_t n_end = std::min(proj.N, (block - first_block[p] + 1) * kBlockRows);
-      for (int64_t n0 = (block - first_block[p]) * kBlockRows; n0 < n_end; n0 += kNR) {
-        const int64_t cols = std::min<int64_t>(kNR, n_end - n0);
+      for (int64_t n0 = (block - first_block[p]) * kBlockRows; n0 < n_end; n0 += tile_cols) {
+        const int64_t cols = std::min(tile_cols, n_end - n0);
         const scalar_t* w_src = proj.weight + n0 * K;
-        if constexpr (kWiden && !kPairDot) {
+        if constexpr (kWidenTiles) {
           for (int64_t i = 0; i < cols * K; ++i) wbuf[i] = w_src[i];
         }
         const acc_t* w = kWiden ? wbuf.data() : reinterpret_cast<const acc_t*>(w_src);
-        for (int64_t r0 = 0; r0 < R; r0 += kMR) {
-          const int64_t rows = std::min<int64_t>(kMR, R - r0);
-#ifdef __AVX512BF16__
-          if constexpr (kPairDot) {
-            dispatch_tile<Bf16PairDot>(rows, cols, K, input + r0 * K, K, w_src, K, out);
-          } else
-#endif
-          {
-            dispatch_tile<WidenedDot<acc_t>>(rows, cols, K, x + r0 * K, K, w, K, out);
+        // The tile after this one in memory (the next block's first at a block's end, which
+        // this thread most likely takes next), during the first pass over the rows. Not for
+        // few rows, whose tiles are quick to compute: there the prefetches only cost (measured
+        // 47 vs 50 ms for SmolLM2's layers at 1 row, against 71 vs 57 ms without at 8 rows).
+        const int64_t ahead = few ? 0 : std::min(tile_cols, proj.N - n0 - cols) * K;
+        for (int64_t r0 = 0; r0 < R; r0 += tile_rows) {
+          const int64_t rows = std::min(tile_rows, R - r0);
+          const Prefetch prefetch{!kWidenTiles && r0 == 0 && ahead > 0
+                                      ? reinterpret_cast<const char*>(w_src + cols * K) : nullptr,
+                                  ahead * static_cast<int64_t>(sizeof(scalar_t))};
+          if (few) {
+            tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
+                                 prefetch, out);
+          } else {
+            tile<kMR, kNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
+                           prefetch, out);
           }
           for (int64_t m = 0; m < rows; ++m) {
             for (int64_t n = 0; n < cols; ++n) {
