@@ -17,6 +17,8 @@ HF prompt lookup supports batch size 1 only, so batch > 1 compares against HF gr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import platform
@@ -26,6 +28,7 @@ import time
 import torch
 
 import cllm_rt
+from cllm_rt import ops
 from cllm_rt.demo import data
 from cllm_rt.models import load_model
 from cllm_rt.runtime.drafts import Corpus
@@ -37,6 +40,7 @@ METHODS = {
     "ar": "cllm_rt AR (block 1)",
     "jacobi": "cllm_rt Jacobi (block 16)",
     "drafts": "cllm_rt drafts (default)",
+    "drafts-torch-linear": "cllm_rt drafts, torch's linears (before ops.linear's routing)",
 }
 
 
@@ -71,11 +75,23 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
         rows = [_cut(r.tolist(), model.generation_config.eos_token_id) for r in out[:, ids.shape[1]:]]
         return rows, forwards * len(rows), seconds
     options = {"ar": dict(block_size=1, drafts=None), "jacobi": dict(block_size=16, drafts=None),
-               "drafts": dict(corpus=corpus)}[method]
-    out = cllm_rt.generate(model, ids, mask, max_new_tokens=max_new_tokens, **options)
+               "drafts": dict(corpus=corpus), "drafts-torch-linear": dict(corpus=corpus)}[method]
+    with torch_linears() if method == "drafts-torch-linear" else contextlib.nullcontext():
+        out = cllm_rt.generate(model, ids, mask, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
     rows = [r[ids.shape[1]:ids.shape[1] + n].tolist() for r, n in zip(out.sequences, out.stats.new_tokens)]
     return rows, sum(out.stats.accepted_histogram), seconds
+
+
+@contextlib.contextmanager
+def torch_linears():
+    """Every linear layer on torch's kernel, as before ops.linear's routing (``runtime/linears.py``)."""
+    rows = ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS
+    ops.LINEAR_MAX_ROWS = ops.PAIR_DOT_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS = rows
 
 
 def _cut(tokens: list[int], eos) -> list[int]:
@@ -164,8 +180,12 @@ def main() -> None:
         model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
         counter = ForwardCounter(model)
 
+        # its own copy: decoding learns step costs per model object, and these steps cost otherwise
+        old_path = copy.deepcopy(model) if "drafts-torch-linear" in methods else None
+
         def runner(method, ids, mask, max_new_tokens, corpus):
-            return run(method, model, counter, ids, mask, max_new_tokens, corpus)
+            return run(method, old_path if method == "drafts-torch-linear" else model, counter, ids, mask,
+                       max_new_tokens, corpus)
 
         warm = tokenizer("Hello", return_tensors="pt")
         for method in methods:  # first calls allocate; keep them out of the timings

@@ -78,8 +78,9 @@ def cpu_has_amx_bf16() -> bool:
 PAIR_DOT_MAX_ROWS = 3
 # float32/float64 linears of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows run faster through ops.linear, which reads each
 # weight once for all rows, than through torch, whose small-row GEMM re-reads the weights per row. SmolLM2's 30
-# layers and head, float32, Intel Xeon family 6 model 106, 1 thread, torch vs ops.linear: 42 vs 47 ms at 1 row,
-# 57 vs 60 at 3, 81 vs 56 at 4, 107 vs 57 at 8, 98 vs 78 at 16, 116 vs 115 at 24 (torch's GEMM from there).
+# layers and head, float32, Intel Xeon family 6 model 106, torch vs ops.linear, 1 thread: 42 vs 47 ms at 1 row,
+# 57 vs 60 at 3, 81 vs 56 at 4, 107 vs 57 at 8, 98 vs 78 at 16, 116 vs 115 at 24, 122-130 vs 131-174 at 32 (two
+# runs); 2 threads: 28 vs 34 at 1, 32 vs 35 at 3, 67 vs 36 at 4, 79 vs 40 at 8, 141 vs 59 at 16, 165 vs 100 at 32.
 LINEAR_MIN_ROWS, LINEAR_MAX_ROWS = 4, 24
 
 
