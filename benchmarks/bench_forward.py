@@ -5,9 +5,10 @@ rounds (the sizes shuffled every round, medians reported):
 
 * **HF**: ``model(block, past_key_values=DynamicCache)`` with its full logits, the cache cropped back after
   each call (what HF's assisted generation pays per verify);
-* **cllm_rt**: the runtime's own step, ``forward_block`` over the paged ``JacobiCache`` with attention routed
-  to ``ops.block_attention`` and bf16 linears of few rows to ``ops.linear`` (``runtime/linears.py``), then
-  ``greedy_verify`` (the fused LM-head argmax: no ``[n, V]`` logits);
+* **cllm_rt**: the runtime's own step, ``forward_block`` over the paged ``JacobiCache`` (its compact forward,
+  ``runtime/compact.py``, with attention on ``ops.block_attention`` and linears on ``ops.linear`` where
+  ``ops.linear_pays``), then ``greedy_verify``; **cllm_rt HF modules**: the same step through the HF modules'
+  forward (attention and linears routed by ``runtime/attention.py`` and ``runtime/linears.py``);
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
   call each), to show where the forward's growth with n comes from;
@@ -36,6 +37,7 @@ from bench_decoding import machine
 
 from cllm_rt import ops
 from cllm_rt.models import load_model
+from cllm_rt.runtime import compact
 from cllm_rt.runtime.attention import jacobi_attention
 from cllm_rt.runtime.cache import JacobiCache
 from cllm_rt.runtime.linears import routed_linears
@@ -98,11 +100,15 @@ def variants(model, context: int, dtype: torch.dtype):
         model(block(n), past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-n)  # transformers 5.25: a negative count of tokens to drop
 
-    def cllm_rt(n):
+    def cllm_rt(n, compact_forward=True):
         # the Decoder enters these once for its lifetime (~2 ms each time), so they stay outside the timing
-        with jacobi_attention(model), routed_linears(model):
-            tokens = block(n)
-            return _seconds(lambda: greedy_verify(model, forward_block(model, ours, tokens), tokens))
+        compact.use_compact_forward(compact_forward)
+        try:
+            with jacobi_attention(model), routed_linears(model):
+                tokens = block(n)
+                return _seconds(lambda: greedy_verify(model, forward_block(model, ours, tokens), tokens))
+        finally:
+            compact.use_compact_forward(True)
 
     def x(n, width):
         if (n, width) not in inputs:
@@ -118,7 +124,8 @@ def variants(model, context: int, dtype: torch.dtype):
         for group in groups:
             ops.linear(x(n, group[0].shape[1]), group)
 
-    return {"HF": hf, "cllm_rt": cllm_rt, "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
+    return {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
+            "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
 
 
 def measure(threads: int, dtype_name: str, sizes: list[int], context: int, rounds: int) -> dict:
@@ -179,7 +186,8 @@ def main() -> None:
     for threads in args.threads:
         for dtype in args.dtypes:
             results.append(measure(threads, dtype, args.sizes, args.context, args.rounds))
-            print(table(results[-1], ["HF", "cllm_rt", "linears F.linear", "linears ops.linear"], args.sizes),
+            print(table(results[-1], ["HF", "cllm_rt", "cllm_rt HF modules", "linears F.linear", "linears ops.linear"],
+                        args.sizes),
                   flush=True)
     info["load_average_after"] = os.getloadavg()
     print(f"machine: {info['cpu']} (AVX-512: {info['avx512']}), torch {torch.__version__}, load average "

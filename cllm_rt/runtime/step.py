@@ -14,6 +14,7 @@ import random
 import torch
 
 from .. import ops
+from . import compact
 from .attention import CACHE_LENGTHS_KWARG, PAGE_TABLE_KWARG, TREE_PARENTS_KWARG
 from .cache import JacobiCache
 
@@ -46,6 +47,9 @@ def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.
     """
     cache.begin_block(block.shape[1])
     offsets = torch.arange(block.shape[1], device=block.device) if depths is None else depths
+    if compact.applies(model):
+        return compact.forward(model, block, cache.lengths[:, None] + offsets, cache, cache.lengths,
+                               cache.page_table, parents)
     kwargs = {CACHE_LENGTHS_KWARG: cache.lengths, PAGE_TABLE_KWARG: cache.page_table}
     if parents is not None:
         kwargs[TREE_PARENTS_KWARG] = parents

@@ -1,0 +1,101 @@
+"""The decoding step's own forward for the llama family (llama, mistral, qwen2, qwen3), as gpt-fast writes it.
+
+Same weights (the HF modules' own tensors, nothing copied), same arithmetic in the same order as the HF
+forward, fewer calls around it: a one-token SmolLM2 step spent ~20 ms of its ~70 ms (1 thread; half of its
+~48 ms at 2) outside the linear layers, in ~1,300 small torch ops and Python module calls, and none of that
+shrinks with threads. Here each layer is one Python loop body; q/k/v and gate/up are each one ``ops.linear``
+call where that pays (:func:`cllm_rt.ops.linear_pays`: the weights read once for all rows), torch's linear
+otherwise; attention runs over the :class:`~cllm_rt.runtime.cache.JacobiCache` pages as
+``runtime/attention.py`` routes it for the HF forward.
+
+Other architectures (phi3's fused projections, gemma's scaled embeddings and norms) take the HF forward; so do a
+model with forward hooks on the modules this forward does not call (a hook must see what it hooked), a model in
+training mode, and every model while :func:`use_compact_forward` is off (to compare the two).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+_enabled = True
+
+
+def use_compact_forward(enabled: bool) -> None:
+    """Decode supported models with this forward (default) or with the HF modules' forward."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def applies(model) -> bool:
+    """Whether the decoding step runs ``model`` through :func:`forward`."""
+    return (_enabled and getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES and not model.training
+            and not _hooks_bypassed(model.base_model))
+
+
+# Per base model, the modules forward() does not call (looked up once: nn.Module attribute access is slow).
+_SKIPPED: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _skipped_modules(base) -> list[torch.nn.Module]:
+    if base not in _SKIPPED:
+        skipped = [base]
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            skipped += [layer, attn, mlp, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                        mlp.up_proj, mlp.down_proj]
+        _SKIPPED[base] = skipped
+    return _SKIPPED[base]
+
+
+def _hooks_bypassed(base) -> bool:
+    """Whether a forward hook sits where :func:`forward` would skip it: on the base model, a layer, its
+    attention or MLP, one of their linears, or every module (a global hook). Checked every step, since hooks
+    come and go."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in _skipped_modules(base))
+
+
+def _project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """Each ``nn.Linear`` of ``linears`` applied to ``x``: one ops.linear call where it pays, else torch's."""
+    if ops.linear_pays(x):
+        return ops.linear(x, [m.weight for m in linears], [m.bias for m in linears])
+    return [F.linear(x, m.weight, m.bias) for m in linears]
+
+
+def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, lengths: torch.Tensor,
+            page_table: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states [B, n, d] after the final norm, as ``model.base_model(...).last_hidden_state`` with
+    ``runtime/attention.py``'s attention; the block's keys and values are written into ``cache``."""
+    base = model.base_model
+    x = base.embed_tokens(input_ids)
+    cos, sin = base.rotary_emb(x, position_ids=position_ids)
+    B, n = input_ids.shape
+    for i, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # each family's own (all alike today)
+        h = layer.input_layernorm(x)
+        q, k, v = (t.view(B, n, -1, attn.head_dim) for t in _project(h, (attn.q_proj, attn.k_proj, attn.v_proj)))
+        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        keys, values = cache.layers[i].update(k, v.transpose(1, 2))
+        if parents is None:
+            out = ops.block_attention(q, keys, values, lengths, scale=attn.scaling, page_table=page_table)
+        else:
+            out = ops.tree_attention(q, keys, values, lengths, parents, scale=attn.scaling, page_table=page_table)
+        (o,) = _project(out.transpose(1, 2).reshape(B, n, -1), (attn.o_proj,))
+        x = x + o
+        h = layer.post_attention_layernorm(x)
+        gate, up = _project(h, (mlp.gate_proj, mlp.up_proj))
+        (down,) = _project(mlp.act_fn(gate) * up, (mlp.down_proj,))
+        x = x + down
+    return base.norm(x)

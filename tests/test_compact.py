@@ -1,0 +1,86 @@
+"""The decoding step's compact forward (runtime/compact.py) against the HF modules' forward it replaces."""
+
+import pytest
+import torch
+
+import cllm_rt
+from cllm_rt.runtime import compact
+from cllm_rt.runtime.attention import jacobi_attention
+from cllm_rt.runtime.cache import JacobiCache
+from cllm_rt.runtime.linears import routed_linears
+from cllm_rt.runtime.step import forward_block, prefill
+from tiny_models import random_prompts, tiny_model
+
+FAMILIES = sorted(compact.SUPPORTED_MODEL_TYPES)
+
+
+@pytest.fixture
+def hf_modules():
+    """Switch the compact forward off for the test's body, and back on after it."""
+    compact.use_compact_forward(False)
+    yield
+    compact.use_compact_forward(True)
+
+
+def _forwards(model, use_compact: bool) -> list[torch.Tensor]:
+    """Hidden states of a ragged 2-row prefill, a 1-token step, a 6-token chain and a 6-node tree."""
+    compact.use_compact_forward(use_compact)
+    try:
+        g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        prompt = torch.randint(1, vocab, (2, 40), generator=g)  # past a page
+        cache = JacobiCache(model.config.num_hidden_layers, torch.zeros(2, dtype=torch.int64), 96, page_size=32)
+        parents = torch.tensor([[-1, 0, 0, 1, 2, 2], [-1, 0, 1, 1, 0, 4]])
+        depths = torch.tensor([[0, 1, 1, 2, 2, 2], [0, 1, 2, 2, 1, 2]])
+        with torch.no_grad(), jacobi_attention(model), routed_linears(model):
+            prefill(model, cache, prompt, torch.tensor([40, 29]))
+            out = [cache.layers[0].keys.clone()]
+            for n in (1, 6):
+                out.append(forward_block(model, cache, torch.randint(1, vocab, (2, n), generator=g)))
+            out.append(forward_block(model, cache, torch.randint(1, vocab, (2, 6), generator=g), depths, parents))
+        return out
+    finally:
+        compact.use_compact_forward(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_compact_forward_gives_the_hf_forward_s_bits(arch, dtype):
+    # Same weights, same ops in the same order: identical even in float32, cache included (a chain, a tree, a
+    # ragged batch over pages, rows routed to ops.linear and rows left to torch).
+    model = tiny_model(arch, dtype=dtype)
+    for ours, theirs in zip(_forwards(model, True), _forwards(model, False)):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma"])
+def test_other_families_take_the_hf_forward(arch):
+    assert not compact.applies(tiny_model(arch))
+    assert compact.applies(tiny_model("llama"))
+
+
+def test_a_training_model_or_the_switch_keeps_the_hf_forward(hf_modules):
+    model = tiny_model("llama")
+    assert not compact.applies(model)
+    compact.use_compact_forward(True)
+    assert compact.applies(model) and not compact.applies(model.train())
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_generate_through_the_compact_forward_equals_hf_greedy(arch):
+    model = tiny_model(arch)
+    ids, mask = random_prompts(2, [5, 3])
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
+    got = cllm_rt.generate(model, ids, mask, max_new_tokens=12)
+    assert torch.equal(got.sequences[:, :want.shape[1]], want)
+
+
+def test_a_hook_on_a_skipped_module_keeps_the_hf_forward():
+    model = tiny_model("llama")
+    calls = []
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *args: calls.append(1))
+    assert not compact.applies(model)
+    cllm_rt.generate(model, *random_prompts(1, [4]), max_new_tokens=3)
+    assert calls  # the hook saw the decoding steps
+    handle.remove()
+    assert compact.applies(model)
