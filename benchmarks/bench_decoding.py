@@ -29,6 +29,7 @@ import torch
 
 import cllm_rt
 from cllm_rt import ops
+from cllm_rt.runtime import compact
 from cllm_rt.demo import data
 from cllm_rt.models import load_model
 from cllm_rt.runtime.drafts import Corpus
@@ -40,7 +41,7 @@ METHODS = {
     "ar": "cllm_rt AR (block 1)",
     "jacobi": "cllm_rt Jacobi (block 16)",
     "drafts": "cllm_rt drafts (default)",
-    "drafts-torch-linear": "cllm_rt drafts, torch's linears (before ops.linear's routing)",
+    "drafts-hf-forward": "cllm_rt drafts, HF modules' forward and torch's linears (the step before issue 22)",
 }
 
 
@@ -75,8 +76,8 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
         rows = [_cut(r.tolist(), model.generation_config.eos_token_id) for r in out[:, ids.shape[1]:]]
         return rows, forwards * len(rows), seconds
     options = {"ar": dict(block_size=1, drafts=None), "jacobi": dict(block_size=16, drafts=None),
-               "drafts": dict(corpus=corpus), "drafts-torch-linear": dict(corpus=corpus)}[method]
-    with torch_linears() if method == "drafts-torch-linear" else contextlib.nullcontext():
+               "drafts": dict(corpus=corpus), "drafts-hf-forward": dict(corpus=corpus)}[method]
+    with hf_forward() if method == "drafts-hf-forward" else contextlib.nullcontext():
         out = cllm_rt.generate(model, ids, mask, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
     rows = [r[ids.shape[1]:ids.shape[1] + n].tolist() for r, n in zip(out.sequences, out.stats.new_tokens)]
@@ -84,14 +85,17 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
 
 
 @contextlib.contextmanager
-def torch_linears():
-    """Every linear layer on torch's kernel, as before ops.linear's routing (``runtime/linears.py``)."""
+def hf_forward():
+    """The decoding step as it was before issue 22: the HF modules' forward (``runtime/compact.py`` off) and
+    every linear layer on torch's kernel (``ops.linear_pays`` never)."""
     rows = ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS
     ops.LINEAR_MAX_ROWS = ops.PAIR_DOT_MAX_ROWS = 0
+    compact.use_compact_forward(False)
     try:
         yield
     finally:
         ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS = rows
+        compact.use_compact_forward(True)
 
 
 def _cut(tokens: list[int], eos) -> list[int]:
@@ -181,10 +185,10 @@ def main() -> None:
         counter = ForwardCounter(model)
 
         # its own copy: decoding learns step costs per model object, and these steps cost otherwise
-        old_path = copy.deepcopy(model) if "drafts-torch-linear" in methods else None
+        old_path = copy.deepcopy(model) if "drafts-hf-forward" in methods else None
 
         def runner(method, ids, mask, max_new_tokens, corpus):
-            return run(method, old_path if method == "drafts-torch-linear" else model, counter, ids, mask,
+            return run(method, old_path if method == "drafts-hf-forward" else model, counter, ids, mask,
                        max_new_tokens, corpus)
 
         warm = tokenizer("Hello", return_tensors="pt")

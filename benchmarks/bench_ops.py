@@ -187,6 +187,17 @@ def lm_head_argmax_cases(device, quick):
         })
 
 
+def linear_cases(device, quick):
+    """SmolLM2's gate/up projections (2 x 1,536 x 576) for a step's rows: ours against torch's (cuBLAS on a GPU)."""
+    for rows in (1, 8) if quick else (1, 4, 8, 16, 64):
+        x = torch.randn(rows, 576, device=device)
+        weights = [torch.randn(1536, 576, device=device) / 24 for _ in range(2)]
+        yield ("linear", (rows, 576, 2 * 1536), torch.float32, None, {
+            "native": lambda: ops.linear(x, weights),
+            "reference": lambda: ops.linear_reference(x, weights, [None, None]),
+        })
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
@@ -213,7 +224,7 @@ def main():
     for device in devices:
         copy_gbs = copy_bandwidth_gbs(device) if device.type == "cuda" else None
         for cases in (jacobi_verify_cases, block_attention_cases, tree_attention_cases,
-                      tree_verify_cases, lm_head_argmax_cases):
+                      tree_verify_cases, lm_head_argmax_cases, linear_cases):
             for op, shape, dtype, kv_bytes, variants in cases(device, args.quick):
                 ms = compare(variants, device, warmup, rounds, args.clock)
                 row = {"op": op, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),

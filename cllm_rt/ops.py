@@ -500,7 +500,7 @@ def linear(input: torch.Tensor, weights, biases=None) -> list[torch.Tensor]:
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
     _check_linear(input, weights, biases)
-    if _native_kernel_for(input.device) and input.device.type == "cpu":
+    if _native_kernel_for(input.device):
         return list(torch.ops.cllm_rt.linear(input, weights, biases))
     return linear_reference(input, weights, biases)
 

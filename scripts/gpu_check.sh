@@ -87,6 +87,8 @@ for limit in ('', '40000'):   # the device's plan, then 8 rows and one K/V buffe
         k = torch.randn(1, 4, 5000, 64, device=d).to(dt)
         o.block_attention(q, k, k.clone(), torch.tensor([4999], device=d))   # many splits
         o.lm_head_argmax(torch.randn(2, 3, 59, device=d).to(dt), torch.randn(999, 59, device=d).to(dt))
+        o.linear(torch.randn(11, 59, device=d).to(dt), [torch.randn(37, 59, device=d).to(dt)] * 2,
+                 [torch.randn(37, device=d).to(dt), None])
     o.tree_verify(torch.zeros(2, 8, dtype=torch.long, device=d), torch.zeros(2, 8, dtype=torch.long, device=d), parents)
 torch.cuda.synchronize()
 print('sanitizer run finished')"
@@ -100,5 +102,5 @@ echo "== summary"
 for log in tests tests_64k_smem build_checks; do
   echo "$log: $(grep -E "passed|failed|error|skipped" "$OUT/$log.log" | tail -1)"
 done
-grep -E "^(op|jacobi|block|tree|lm_head|device)" "$OUT/bench.log"
+grep -E "^(op|jacobi|block|tree|lm_head|linear|device)" "$OUT/bench.log"
 exit $status

@@ -744,12 +744,13 @@ LINEAR_SHAPES = [((1, 5), (3,)), ((2, 40), (25, 8)), ((2, 7, 33), (9, 1)), ((13,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("in_shape, outs", LINEAR_SHAPES)
-def test_linear_matches_reference_and_is_row_invariant(dtype, in_shape, outs):
+def test_linear_matches_reference_and_is_row_invariant(device, dtype, in_shape, outs):
     g = torch.Generator().manual_seed(len(in_shape) * 100 + in_shape[-1])
     K = in_shape[-1]
-    x = torch.randn(in_shape, generator=g).to(dtype)
-    weights = [torch.randn(N, K, generator=g).to(dtype) for N in outs]
-    biases = [torch.randn(N, generator=g).to(dtype) if i % 2 == 0 else None for i, N in enumerate(outs)]
+    x = torch.randn(in_shape, generator=g).to(dtype).to(device)
+    weights = [torch.randn(N, K, generator=g).to(dtype).to(device) for N in outs]
+    biases = [torch.randn(N, generator=g).to(dtype).to(device) if i % 2 == 0 else None
+              for i, N in enumerate(outs)]
     got = ops.linear(x, weights, biases)
     want = ops.linear_reference(x, weights, biases)
     tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]

@@ -81,4 +81,9 @@ cudaError_t gumbel_argmax(const void* logits, DType dtype, int64_t B, int64_t n,
                           int64_t sb, int64_t si, const int64_t* seeds, const int64_t* positions,
                           const double* temperature, int64_t* tokens, cudaStream_t stream);
 
+// out[r*N + j] = sum_k input[r*K + k] * weight[j*K + k] (+ bias[j]) for r < R, j < N,
+// accumulated in float32 (float64 for kFloat64); all contiguous, bias nullptr for none.
+cudaError_t linear(const void* input, const void* weight, const void* bias, DType dtype, int64_t R,
+                   int64_t K, int64_t N, void* out, cudaStream_t stream);
+
 }  // namespace cllm_rt::cuda

@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -162,6 +164,31 @@ at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, const at::Tensor& seeds_
   return tokens;
 }
 
+std::vector<at::Tensor> linear_cuda(const at::Tensor& input_in, at::TensorList weights,
+                                    const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear(input_in, weights, biases);
+  check_cuda(input_in, "linear");
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const at::Tensor input = input_in.contiguous();
+  const int64_t K = input.size(-1), R = input.numel() / std::max<int64_t>(K, 1);
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor weight = weights[i].contiguous();
+    const std::optional<at::Tensor> bias_in = biases.get(i);
+    const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+    shape.push_back(weight.size(0));
+    at::Tensor out = at::empty(shape, input.options());
+    check_launch(cuda::linear(input.const_data_ptr(), weight.const_data_ptr(),
+                              bias.defined() ? bias.const_data_ptr() : nullptr,
+                              kernel_dtype(input.scalar_type()), R, K, weight.size(0), out.data_ptr(),
+                              c10::cuda::getCurrentCUDAStream()),
+                 "linear");
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
 TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("jacobi_verify", &jacobi_verify_cuda);
   m.impl("block_attention", &block_attention_cuda);
@@ -169,6 +196,7 @@ TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("tree_verify", &tree_verify_cuda);
   m.impl("lm_head_argmax", &lm_head_argmax_cuda);
   m.impl("gumbel_argmax", &gumbel_argmax_cuda);
+  m.impl("linear", &linear_cuda);
 }
 
 }  // namespace cllm_rt

@@ -1,0 +1,79 @@
+// linear on CUDA: out = input @ weight.T (+ bias) for a few rows (a token tree x batch), each
+// weight row read from memory once for all rows.
+//
+// A decode step's linears are skinny products (R = 1..64 rows against N x K weights) that
+// only read the weights: each warp takes one weight row, its lanes stride the feature dim
+// (16-byte loads where aligned), and kRowsPerPass input rows (L1/L2-resident) meet each
+// weight element per pass; a warp sum gives the outputs. Row invariance as on the CPU: an
+// output's sum runs over the same lanes in the same order and the same butterfly whatever
+// R is, so a row's bits do not depend on the other rows of the call.
+#include "common.cuh"
+
+namespace cllm_rt::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerPass = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    linear_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                  const T* __restrict__ bias, int64_t R, int64_t K, int64_t N, bool vectorized,
+                  T* __restrict__ out) {
+  using acc_t = Acc<T>;
+  constexpr int kPack = Pack16<T>::kSize;
+  const int lane = threadIdx.x % 32;
+  const int64_t n = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
+  if (n >= N) return;  // whole warps leave: warp_sum below needs all 32 lanes
+  const T* w = weight + n * K;
+  for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass) {
+    const int64_t rows = min(int64_t(kRowsPerPass), R - r0);
+    acc_t dot[kRowsPerPass] = {};
+    if (vectorized) {
+      for (int64_t k = lane * kPack; k < K; k += 32 * kPack) {
+        const Pack16<T> wp = load16(w + k);
+#pragma unroll
+        for (int j = 0; j < kRowsPerPass; ++j) {
+          if (j < rows) {
+            const Pack16<T> xp = load16(x + (r0 + j) * K + k);
+#pragma unroll
+            for (int e = 0; e < kPack; ++e) dot[j] += to_acc(wp.v[e]) * to_acc(xp.v[e]);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < K; k += 32) {
+        const acc_t wk = to_acc(w[k]);
+#pragma unroll
+        for (int j = 0; j < kRowsPerPass; ++j) {
+          if (j < rows) dot[j] += wk * to_acc(x[(r0 + j) * K + k]);
+        }
+      }
+    }
+    const acc_t b = bias ? to_acc(bias[n]) : acc_t(0);
+#pragma unroll
+    for (int j = 0; j < kRowsPerPass; ++j) {
+      const acc_t sum = warp_sum(dot[j]);
+      if (lane == 0 && j < rows) out[(r0 + j) * N + n] = from_acc<T>(bias ? sum + b : sum);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t linear(const void* input, const void* weight, const void* bias, DType dtype, int64_t R,
+                   int64_t K, int64_t N, void* out, cudaStream_t stream) {
+  if (R == 0 || N == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(input);
+    const T* w = static_cast<const T*>(weight);
+    const bool vectorized = K * sizeof(T) % 16 == 0 && aligned16(x) && aligned16(w);
+    linear_kernel<T><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
+        x, w, static_cast<const T*>(bias), R, K, N, vectorized, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cllm_rt::cuda
