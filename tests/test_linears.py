@@ -16,9 +16,20 @@ pair_dot = pytest.mark.skipif(not (ops.native_available() and ops._C.BF16_PAIR_D
 def test_linear_pays_for_few_bf16_rows_on_a_cpu_only(monkeypatch):
     x = torch.randn(ops.PAIR_DOT_MAX_ROWS, 16, dtype=torch.bfloat16)
     assert ops.linear_pays(x) and ops.linear_pays(x[:1])
+    monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: True)  # torch's AMX GEMM from 4 rows
     assert not ops.linear_pays(torch.randn(ops.PAIR_DOT_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
     monkeypatch.setattr(ops, "_native_kernels_enabled", False)
     assert not ops.linear_pays(x)
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
+def test_bf16_trees_route_where_the_cpu_has_no_amx(amx, monkeypatch):
+    monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: amx)
+    for rows in (2, ops.LINEAR_MIN_ROWS, ops.LINEAR_MAX_ROWS):
+        tree = torch.randn(rows, 16, dtype=torch.bfloat16)
+        assert ops.linear_pays(tree) == (not amx) or (ops._C.BF16_PAIR_DOT and rows <= ops.PAIR_DOT_MAX_ROWS)
+    assert not ops.linear_pays(torch.randn(ops.LINEAR_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
 
 
 @pytest.mark.skipif(not ops.native_available(), reason="native extension not built")

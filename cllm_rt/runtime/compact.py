@@ -1,12 +1,13 @@
 """The decoding step's own forward for the llama family (llama, mistral, qwen2, qwen3), as gpt-fast writes it.
 
 Same weights (the HF modules' own tensors, nothing copied), same arithmetic in the same order as the HF
-forward, fewer calls around it: a one-token SmolLM2 step spent ~20 ms of its ~70 ms (1 thread; half of its
-~48 ms at 2) outside the linear layers, in ~1,300 small torch ops and Python module calls, and none of that
-shrinks with threads. Here each layer is one Python loop body; q/k/v and gate/up are each one ``ops.linear``
-call where that pays (:func:`cllm_rt.ops.linear_pays`: the weights read once for all rows), torch's linear
-otherwise; attention runs over the :class:`~cllm_rt.runtime.cache.JacobiCache` pages as
-``runtime/attention.py`` routes it for the HF forward.
+forward (bit-identical results), fewer calls around it: through the HF modules a one-token SmolLM2 step spent
+~20 ms outside its linear layers (of ~70 ms at 1 thread, ~50 at 2), in small torch ops and Python module calls
+that do not shrink with threads; this forward measured 8-9 ms less per step at 2 threads (bench_forward.py).
+Here each layer is one Python loop body; q/k/v and gate/up are each one ``ops.linear`` call where that pays
+(:func:`cllm_rt.ops.linear_pays`: the weights read once for all rows), torch's linear otherwise; attention runs
+over the :class:`~cllm_rt.runtime.cache.JacobiCache` pages as ``runtime/attention.py`` routes it for the HF
+forward.
 
 Other architectures (phi3's fused projections, gemma's scaled embeddings and norms) take the HF forward; so do a
 model with forward hooks on the modules this forward does not call (a hook must see what it hooked), a model in
