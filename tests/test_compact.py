@@ -84,3 +84,19 @@ def test_a_hook_on_a_skipped_module_keeps_the_hf_forward():
     assert calls  # the hook saw the decoding steps
     handle.remove()
     assert compact.applies(model)
+
+
+def test_a_layer_that_is_not_the_stock_module_keeps_the_hf_forward():
+    class Scaled(torch.nn.Linear):  # computes something else than its weight alone
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_model("llama")
+    old = model.model.layers[0].mlp.up_proj
+    scaled = Scaled(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+    scaled.weight = old.weight
+    model.model.layers[0].mlp.up_proj = scaled
+    assert not compact.applies(model)
+    ids, mask = random_prompts(1, [5])
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)

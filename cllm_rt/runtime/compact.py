@@ -10,8 +10,10 @@ over the :class:`~cllm_rt.runtime.cache.JacobiCache` pages as ``runtime/attentio
 forward.
 
 Other architectures (phi3's fused projections, gemma's scaled embeddings and norms) take the HF forward; so do a
-model with forward hooks on the modules this forward does not call (a hook must see what it hooked), a model in
-training mode, and every model while :func:`use_compact_forward` is off (to compare the two).
+model whose layers are not the stock modules (a linear that is not a plain ``nn.Linear``, e.g. a quantized or
+adapter-wrapped one, computes something else than its ``weight``), a model with forward hooks on the modules
+this forward does not call (a hook must see what it hooked), a model in training mode, and every model while
+:func:`use_compact_forward` is off (to compare the two).
 """
 
 from __future__ import annotations
@@ -37,32 +39,43 @@ def use_compact_forward(enabled: bool) -> None:
 
 def applies(model) -> bool:
     """Whether the decoding step runs ``model`` through :func:`forward`."""
-    return (_enabled and getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES and not model.training
-            and not _hooks_bypassed(model.base_model))
+    if not (_enabled and getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES and not model.training):
+        return False
+    skipped = _skipped_modules(model.base_model)
+    return skipped is not None and not _hooks_bypassed(skipped)
 
 
-# Per base model, the modules forward() does not call (looked up once: nn.Module attribute access is slow).
-_SKIPPED: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]]" = weakref.WeakKeyDictionary()
+# Per base model, the modules forward() does not call, or None where they are not the stock ones (looked up
+# once: nn.Module attribute access is slow, and a model's structure does not change while it decodes).
+_SKIPPED: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module] | None]" = weakref.WeakKeyDictionary()
 
 
-def _skipped_modules(base) -> list[torch.nn.Module]:
+def _skipped_modules(base) -> list[torch.nn.Module] | None:
     if base not in _SKIPPED:
-        skipped = [base]
-        for layer in base.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            skipped += [layer, attn, mlp, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                        mlp.up_proj, mlp.down_proj]
+        try:
+            skipped = [base]
+            for layer in base.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                           mlp.down_proj]
+                if any(type(m) is not torch.nn.Linear for m in linears):
+                    raise AttributeError("not a plain nn.Linear")
+                skipped += [layer, attn, mlp, *linears]
+            if type(base.embed_tokens) is not torch.nn.Embedding or base.rotary_emb is None or base.norm is None:
+                raise AttributeError("not the stock embedding")
+        except AttributeError:
+            skipped = None
         _SKIPPED[base] = skipped
     return _SKIPPED[base]
 
 
-def _hooks_bypassed(base) -> bool:
+def _hooks_bypassed(skipped: list[torch.nn.Module]) -> bool:
     """Whether a forward hook sits where :func:`forward` would skip it: on the base model, a layer, its
     attention or MLP, one of their linears, or every module (a global hook). Checked every step, since hooks
     come and go."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in _skipped_modules(base))
+    return any(m._forward_hooks or m._forward_pre_hooks for m in skipped)
 
 
 def _project(x: torch.Tensor, linears) -> list[torch.Tensor]:
