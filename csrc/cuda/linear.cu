@@ -22,7 +22,6 @@ __global__ void __launch_bounds__(kThreads)
                   const T* __restrict__ bias, int64_t R, int64_t K, int64_t N, bool vectorized,
                   T* __restrict__ out) {
   using acc_t = Acc<T>;
-  constexpr int kPack = Pack16<T>::kSize;
   const int lane = threadIdx.x % 32;
   const int64_t n = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
   if (n >= N) return;  // whole warps leave: warp_sum below needs all 32 lanes
@@ -30,27 +29,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass) {
     const int64_t rows = min(int64_t(kRowsPerPass), R - r0);
     acc_t dot[kRowsPerPass] = {};
-    if (vectorized) {
-      for (int64_t k = lane * kPack; k < K; k += 32 * kPack) {
-        const Pack16<T> wp = load16(w + k);
-#pragma unroll
-        for (int j = 0; j < kRowsPerPass; ++j) {
-          if (j < rows) {
-            const Pack16<T> xp = load16(x + (r0 + j) * K + k);
-#pragma unroll
-            for (int e = 0; e < kPack; ++e) dot[j] += to_acc(wp.v[e]) * to_acc(xp.v[e]);
-          }
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < K; k += 32) {
-        const acc_t wk = to_acc(w[k]);
-#pragma unroll
-        for (int j = 0; j < kRowsPerPass; ++j) {
-          if (j < rows) dot[j] += wk * to_acc(x[(r0 + j) * K + k]);
-        }
-      }
-    }
+    lane_dots(w, x + r0 * K, K, rows, vectorized, lane, dot);
     const acc_t b = bias ? to_acc(bias[n]) : acc_t(0);
 #pragma unroll
     for (int j = 0; j < kRowsPerPass; ++j) {

@@ -25,7 +25,6 @@ __global__ void __launch_bounds__(kThreads)
                               int64_t R, int64_t d, int64_t V, bool vectorized,
                               int64_t first_row, ArgMax<Acc<T>>* partial) {
   using acc_t = Acc<T>;
-  constexpr int kPack = Pack16<T>::kSize;
   __shared__ ArgMax<acc_t> warp_best[kWarps][kRowsPerBlock];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t r0 = first_row + blockIdx.y * int64_t(kRowsPerBlock);
@@ -36,27 +35,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t v = v0 + warp; v < min(V, v0 + kVocabPerBlock); v += kWarps) {
     const T* w = weight + v * d;
     acc_t dot[kRowsPerBlock] = {};
-    if (vectorized) {
-      for (int64_t k = lane * kPack; k < d; k += 32 * kPack) {
-        const Pack16<T> wp = load16(w + k);
-#pragma unroll
-        for (int j = 0; j < kRowsPerBlock; ++j) {
-          if (j < rows) {
-            const Pack16<T> hp = load16(hidden + (r0 + j) * d + k);
-#pragma unroll
-            for (int e = 0; e < kPack; ++e) dot[j] += to_acc(wp.v[e]) * to_acc(hp.v[e]);
-          }
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < d; k += 32) {
-        const acc_t wk = to_acc(w[k]);
-#pragma unroll
-        for (int j = 0; j < kRowsPerBlock; ++j) {
-          if (j < rows) dot[j] += wk * to_acc(hidden[(r0 + j) * d + k]);
-        }
-      }
-    }
+    lane_dots(w, hidden + r0 * d, d, rows, vectorized, lane, dot);
 #pragma unroll
     for (int j = 0; j < kRowsPerBlock; ++j) {
       const acc_t logit = warp_sum(dot[j]);
