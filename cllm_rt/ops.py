@@ -81,7 +81,10 @@ PAIR_DOT_MAX_ROWS = 3
 # layers and head, float32, Intel Xeon family 6 model 106, torch vs ops.linear, 1 thread: 42 vs 47 ms at 1 row,
 # 57 vs 60 at 3, 81 vs 56 at 4, 107 vs 57 at 8, 98 vs 78 at 16, 116 vs 115 at 24, 122-130 vs 131-174 at 32 (two
 # runs); 2 threads: 28 vs 34 at 1, 32 vs 35 at 3, 67 vs 36 at 4, 79 vs 40 at 8, 141 vs 59 at 16, 165 vs 100 at 32.
-LINEAR_MIN_ROWS, LINEAR_MAX_ROWS = 4, 24
+# An AVX2 build (4-row tiles; -march=haswell on the same machine, torch at ATEN_CPU_CAPABILITY=avx2, 1 thread):
+# 42 vs 48 at 1, 48 vs 49 at 3, 77 vs 50 at 4, 109 vs 66 at 8, 102 vs 102 at 16, 113 vs 148 at 24.
+LINEAR_MIN_ROWS = 4
+LINEAR_MAX_ROWS = 24 if getattr(_C, "AVX512", 0) else 16
 
 
 def linear_pays(x: torch.Tensor) -> bool:

@@ -50,12 +50,18 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long bf16_pair_dot = 0;
 #endif
+#ifdef __AVX512F__
+  const long avx512 = 1;  // the CPU kernels use zmm registers (cpu/linear.cpp: 8-row tiles, not 4)
+#else
+  const long avx512 = 0;
+#endif
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(m, "MAX_HEAD_DIM", cllm_rt::kMaxHeadDim) < 0 ||
       PyModule_AddIntConstant(m, "MAX_TREE_NODES", cllm_rt::kMaxTreeNodes) < 0 ||
       PyModule_AddIntConstant(m, "PAGE_SIZE_MULTIPLE", cllm_rt::kPageSizeMultiple) < 0 ||
-      PyModule_AddIntConstant(m, "BF16_PAIR_DOT", bf16_pair_dot) < 0) {
+      PyModule_AddIntConstant(m, "BF16_PAIR_DOT", bf16_pair_dot) < 0 ||
+      PyModule_AddIntConstant(m, "AVX512", avx512) < 0) {
     Py_DECREF(m);
     return nullptr;
   }
