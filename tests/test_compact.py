@@ -92,11 +92,12 @@ def test_a_layer_that_is_not_the_stock_module_keeps_the_hf_forward():
             return 2 * super().forward(x)
 
     model = tiny_model("llama")
+    ids, mask = random_prompts(1, [5])
+    cllm_rt.generate(model, ids, mask, max_new_tokens=4)  # decoded once with the stock modules
     old = model.model.layers[0].mlp.up_proj
     scaled = Scaled(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
     scaled.weight = old.weight
-    model.model.layers[0].mlp.up_proj = scaled
+    model.model.layers[0].mlp.up_proj = scaled  # then swapped: the next call must notice
     assert not compact.applies(model)
-    ids, mask = random_prompts(1, [5])
     want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
     assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
