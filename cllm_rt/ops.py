@@ -103,6 +103,14 @@ def linear_pays(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) and LINEAR_MIN_ROWS <= rows <= LINEAR_MAX_ROWS
 
 
+def routed_linear(input: torch.Tensor, weights, biases) -> list[torch.Tensor]:
+    """``[F.linear(input, w, b)]`` for each weight, as one :func:`linear` call where :func:`linear_pays`, else
+    torch's linear per weight: what the decoding step's linear layers run."""
+    if linear_pays(input):
+        return linear(input, weights, biases)
+    return [F.linear(input, w, b) for w, b in zip(weights, biases)]
+
+
 _native_kernels_enabled = True
 
 
@@ -661,7 +669,7 @@ def sample_verify(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     if sampling is None or not bool((sampling.temperature > 0).any()):
         return greedy_verify(hidden, weight, bias, block)
-    logits = linear(hidden, [weight], [bias])[0] if linear_pays(hidden) else F.linear(hidden, weight, bias)
+    (logits,) = routed_linear(hidden, [weight], [bias])
     logits = logits.masked_fill(sampling_mask(logits, sampling), float("-inf"))
     tokens = gumbel_argmax(logits, sampling.seeds, positions, sampling.temperature)
     _check_index_matrix("block", block, tokens.shape, "hidden", hidden)

@@ -28,7 +28,8 @@ def test_bf16_trees_route_where_the_cpu_has_no_amx(amx, monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: amx)
     for rows in (2, ops.LINEAR_MIN_ROWS, ops.LINEAR_MAX_ROWS):
         tree = torch.randn(rows, 16, dtype=torch.bfloat16)
-        assert ops.linear_pays(tree) == (not amx) or (ops._C.BF16_PAIR_DOT and rows <= ops.PAIR_DOT_MAX_ROWS)
+        pair_dot_rows = bool(ops._C.BF16_PAIR_DOT) and rows <= ops.PAIR_DOT_MAX_ROWS
+        assert ops.linear_pays(tree) == (not amx or pair_dot_rows)
     assert not ops.linear_pays(torch.randn(ops.LINEAR_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
 
 

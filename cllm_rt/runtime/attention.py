@@ -34,12 +34,18 @@ def _block_attention_forward(module, query, key, value, attention_mask, scaling=
         raise RuntimeError("the cllm_rt attention only runs inside cllm_rt decoding (it needs per-row cache lengths)")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by cllm_rt.ops.block_attention")
-    parents = kwargs.get(TREE_PARENTS_KWARG)
-    if parents is None:
-        out = ops.block_attention(query, key, value, lengths, scale=scaling, page_table=page_table)  # [B, Hq, n, D]
-    else:
-        out = ops.tree_attention(query, key, value, lengths, parents, scale=scaling, page_table=page_table)
+    out = cache_attention(query, key, value, lengths, page_table, kwargs.get(TREE_PARENTS_KWARG), scaling)
     return out.transpose(1, 2), None  # HF expects [B, n, Hq, D]
+
+
+def cache_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                    page_table: torch.Tensor | None, parents: torch.Tensor | None, scale: float | None
+                    ) -> torch.Tensor:
+    """Attention [B, Hq, n, D] of a block's queries over the paged cache: a chain (``parents`` None,
+    ``ops.block_attention``) or a token tree (``ops.tree_attention``)."""
+    if parents is None:
+        return ops.block_attention(query, keys, values, lengths, scale=scale, page_table=page_table)
+    return ops.tree_attention(query, keys, values, lengths, parents, scale=scale, page_table=page_table)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _block_attention_forward)

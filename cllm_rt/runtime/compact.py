@@ -21,9 +21,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
+from .attention import cache_attention
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -77,10 +77,8 @@ def _stock_and_unhooked(base) -> bool:
 
 
 def _project(x: torch.Tensor, linears) -> list[torch.Tensor]:
-    """Each ``nn.Linear`` of ``linears`` applied to ``x``: one ops.linear call where it pays, else torch's."""
-    if ops.linear_pays(x):
-        return ops.linear(x, [m.weight for m in linears], [m.bias for m in linears])
-    return [F.linear(x, m.weight, m.bias) for m in linears]
+    """Each ``nn.Linear`` of ``linears`` applied to ``x`` (one ops.linear call where it pays)."""
+    return ops.routed_linear(x, [m.weight for m in linears], [m.bias for m in linears])
 
 
 def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, lengths: torch.Tensor,
@@ -91,19 +89,17 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, l
     x = base.embed_tokens(input_ids)
     cos, sin = base.rotary_emb(x, position_ids=position_ids)
     B, n = input_ids.shape
+    # each family's own rotary function (all alike today), from the module that defines its attention
+    rotate = sys.modules[type(base.layers[0].self_attn).__module__].apply_rotary_pos_emb
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # each family's own (all alike today)
         h = layer.input_layernorm(x)
         q, k, v = (t.view(B, n, -1, attn.head_dim) for t in _project(h, (attn.q_proj, attn.k_proj, attn.v_proj)))
         if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         keys, values = cache.layers[i].update(k, v.transpose(1, 2))
-        if parents is None:
-            out = ops.block_attention(q, keys, values, lengths, scale=attn.scaling, page_table=page_table)
-        else:
-            out = ops.tree_attention(q, keys, values, lengths, parents, scale=attn.scaling, page_table=page_table)
+        out = cache_attention(q, keys, values, lengths, page_table, parents, attn.scaling)
         (o,) = _project(out.transpose(1, 2).reshape(B, n, -1), (attn.o_proj,))
         x = x + o
         h = layer.post_attention_layernorm(x)
