@@ -88,13 +88,13 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
 def hf_forward():
     """The decoding step as it was before issue 22: the HF modules' forward (``runtime/compact.py`` off) and
     every linear layer on torch's kernel (``ops.linear_pays`` never)."""
-    rows = ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS
-    ops.LINEAR_MAX_ROWS = ops.PAIR_DOT_MAX_ROWS = 0
+    rows = ops.LINEAR_MAX_ROWS
+    ops.LINEAR_MAX_ROWS = 0
     compact.use_compact_forward(False)
     try:
         yield
     finally:
-        ops.LINEAR_MAX_ROWS, ops.PAIR_DOT_MAX_ROWS = rows
+        ops.LINEAR_MAX_ROWS = rows
         compact.use_compact_forward(True)
 
 
@@ -160,6 +160,10 @@ def machine() -> dict:
             "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                          if line.startswith("model name")), platform.processor()),
             "avx512": "avx512f" in open("/proc/cpuinfo").read(), "load_average": os.getloadavg()}
+    # the model name alone ("AMD EPYC") does not tell a Zen 1 from a Zen 5
+    for key in ("cpu family", "model"):
+        info[key.replace(" ", "_")] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                             if line.split(":", 1)[0].strip() == key), None)
     return info
 
 

@@ -151,7 +151,8 @@ def measure(threads: int, dtype_name: str, sizes: list[int], context: int, round
                 times[name, n].append((own if own is not None else time.perf_counter() - start) * 1e3)
     medians = {f"{name}|{n}": statistics.median(t) for (name, n), t in times.items()}
     return dict(threads=threads, dtype=dtype_name, weight_mb=weights / 2**20,
-                weight_read_limit_ms=limit_ms, median_ms=medians)
+                weight_read_limit_ms=limit_ms, median_ms=medians,
+                small_row_plan=ops.small_row_plan(dtype)._asdict() if ops.native_available() else None)
 
 
 def table(result: dict, names: list[str], sizes: list[int]) -> str:
@@ -165,6 +166,10 @@ def table(result: dict, names: list[str], sizes: list[int]) -> str:
             ms, one = result["median_ms"][f"{name}|{n}"], result["median_ms"][f"{name}|1"]
             cells.append(f"{ms:.1f} ({ms / one:.2f})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    plan = result["small_row_plan"]
+    if plan:
+        lines.append(f"ops.linear at 1-{len(plan['pays'])} rows (measured on this machine): {plan['pays']}, "
+                     f"{'tall' if plan['tall_tiles'] else 'wide'} tiles")
     one = result["median_ms"]["cllm_rt|1"]
     lines.append(f"one-token cllm_rt forward at {result['weight_read_limit_ms'] / one:.0%} of the weight-read limit")
     return "\n".join(lines)

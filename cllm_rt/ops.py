@@ -71,11 +71,6 @@ def cpu_has_amx_bf16() -> bool:
     except OSError:
         return False
 
-# bf16 linears of at most this many rows run faster through ops.linear's AVX512-BF16 kernel (VDPBF16PS, bf16
-# read as is) than through torch's bf16 GEMM, which runs a one-row product at ~7 GMAC/s: SmolLM2's layers and
-# head on a Xeon (family 6 model 207), 1 thread, 50 vs 121 us (1,536 x 576) and 2.1 vs 3.9 ms (the head) at 1 row,
-# 103 vs 132 us and 3.7 vs 4.0 ms at 3 rows, 133 vs 127 us and 5.0 vs 4.0 ms at 4 (torch's AMX GEMM from there).
-PAIR_DOT_MAX_ROWS = 3
 # float32/float64 linears of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows run faster through ops.linear, which reads each
 # weight once for all rows, than through torch, whose small-row GEMM re-reads the weights per row. SmolLM2's 30
 # layers and head, float32, Intel Xeon family 6 model 106, torch vs ops.linear, 1 thread: 42 vs 47 ms at 1 row,
@@ -83,24 +78,87 @@ PAIR_DOT_MAX_ROWS = 3
 # runs); 2 threads: 28 vs 34 at 1, 32 vs 35 at 3, 67 vs 36 at 4, 79 vs 40 at 8, 141 vs 59 at 16, 165 vs 100 at 32.
 # An AVX2 build (4-row tiles; -march=haswell on the same machine, torch at ATEN_CPU_CAPABILITY=avx2, 1 thread):
 # 42 vs 48 at 1, 48 vs 49 at 3, 77 vs 50 at 4, 109 vs 66 at 8, 102 vs 102 at 16, 113 vs 148 at 24.
+# Below LINEAR_MIN_ROWS (a one-token step, a tree of 2-3 nodes) the winner depends on the CPU: on an AMD EPYC
+# family 26 (Zen 5) ops.linear won at every row count (1 thread: 31 vs 26 ms at 1 row, 48 vs 23 at 2, 61 vs 21
+# at 3; 2 threads, where torch's one-row GEMV stays on one thread: 31 vs 16, 48 vs 15, 63 vs 15), so those rows
+# are measured on the machine at hand (:func:`small_row_plan`).
 LINEAR_MIN_ROWS = 4
 LINEAR_MAX_ROWS = 24 if getattr(_C, "AVX512", 0) else 16
+# ops.linear takes a small-row call only when it measured at least this much faster than torch's: a near tie
+# stays with torch, so the route (and with it the float32 rounding) does not flip from run to run.
+_SMALL_ROW_MARGIN = 0.9
+
+
+class SmallRowPlan(NamedTuple):
+    """What :func:`small_row_plan` measured for one dtype and thread count: whether ops.linear's tall tiles
+    (csrc/cpu/linear.h) beat its wide ones at 1-2 rows, whether ops.linear then beats torch's linear at
+    1 .. LINEAR_MIN_ROWS - 1 rows (``pays[rows - 1]``), and the medians behind it (``ms``: name -> ms)."""
+    tall_tiles: bool
+    pays: tuple[bool, ...]
+    ms: dict
+
+
+def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
+    """The small-row route for ``dtype`` at the current torch thread count, measured once per process (see
+    :func:`_measure_small_rows`); also sets ops.linear's tile choice for ``dtype`` to the faster one."""
+    plan = _measure_small_rows(dtype, torch.get_num_threads())
+    _C.set_linear_tall_tile_rows(str(dtype).removeprefix("torch."), 2 if plan.tall_tiles else 0)
+    return plan
+
+
+@functools.cache
+def _measure_small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
+    """Times ops.linear (tall and wide tiles) and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows on weights of
+    2 x 64 MiB, used alternately so that every call streams its weight from memory as a decoding step does
+    (~0.5 s). Medians of 5 interleaved calls."""
+    import time
+
+    K = 1024
+    weights = [torch.full((64 * 2**20 // (K * torch.finfo(dtype).bits // 8), K), 0.5, dtype=dtype)
+               for _ in range(2)]
+    inputs = {rows: torch.full((rows, K), 0.25, dtype=dtype) for rows in range(1, LINEAR_MIN_ROWS)}
+    name = str(dtype).removeprefix("torch.")
+
+    def ours(tall: bool, rows: int):
+        def run(weight):
+            _C.set_linear_tall_tile_rows(name, 2 if tall else 0)
+            torch.ops.cllm_rt.linear(inputs[rows], [weight], [None])
+        return run
+
+    # tall tiles hold at most 2 rows, so 3 rows always take wide ones
+    candidates = {f"{tiles} {rows}": ours(tiles == "tall", rows) for tiles in ("tall", "wide") for rows in (1, 2)}
+    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(False, LINEAR_MIN_ROWS - 1)
+    candidates.update({f"torch {rows}": functools.partial(lambda rows, w: F.linear(inputs[rows], w), rows)
+                       for rows in inputs})
+    times = {key: [] for key in candidates}
+    with torch.inference_mode():
+        for round_ in range(6):  # the first round warms up
+            for call, (key, run) in enumerate(candidates.items()):
+                start = time.perf_counter()
+                run(weights[call % 2])
+                if round_:
+                    times[key].append((time.perf_counter() - start) * 1e3)
+    ms = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+    tall = ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"]
+    pays = tuple(ms[f"{'tall' if tall and rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
+                 for rows in inputs)
+    return SmallRowPlan(tall, pays, ms)
 
 
 def linear_pays(x: torch.Tensor) -> bool:
     """Whether a linear layer over ``x`` [..., K] is faster through :func:`linear` than through torch's, on a CPU:
-    float32/float64 with LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows; bf16 with at most PAIR_DOT_MAX_ROWS rows where
-    the extension has the AVX512-BF16 kernel, and with 2 to LINEAR_MAX_ROWS rows where the CPU has no AMX
-    (SmolLM2's layers and head in bf16, Intel Xeon family 6 model 106, no AVX512-BF16, 1 thread, torch vs
-    ops.linear: 41 vs 53 ms at 1 row, 76 vs 51 at 2, 86 vs 60 at 4, 126 vs 73 at 8; with AMX torch's GEMM wins
-    from 4 rows)."""
+    float32/float64/bf16 of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows (bf16 only where the CPU has no AMX: with
+    AMX torch's bf16 GEMM wins from 4 rows; SmolLM2's layers and head in bf16, Intel Xeon family 6 model 106,
+    no AVX512-BF16, 1 thread, torch vs ops.linear: 76 vs 51 ms at 2 rows, 86 vs 60 at 4, 126 vs 73 at 8), and
+    fewer rows where :func:`small_row_plan` measured it faster on this machine."""
     if not (x.device.type == "cpu" and _native_kernels_enabled and _C is not None):
         return False
     rows = x.shape[:-1].numel()
-    if x.dtype == torch.bfloat16:
-        pair_dot = bool(getattr(_C, "BF16_PAIR_DOT", 0))
-        return (pair_dot and rows <= PAIR_DOT_MAX_ROWS) or (2 <= rows <= LINEAR_MAX_ROWS and not cpu_has_amx_bf16())
-    return x.dtype in (torch.float32, torch.float64) and LINEAR_MIN_ROWS <= rows <= LINEAR_MAX_ROWS
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16) or not 1 <= rows <= LINEAR_MAX_ROWS:
+        return False
+    if rows < LINEAR_MIN_ROWS:
+        return small_row_plan(x.dtype).pays[rows - 1]
+    return x.dtype != torch.bfloat16 or not cpu_has_amx_bf16()
 
 
 def routed_linear(input: torch.Tensor, weights, biases) -> list[torch.Tensor]:

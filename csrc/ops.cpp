@@ -2,12 +2,15 @@
 //
 // Kernels register themselves per device (TORCH_LIBRARY_IMPL in csrc/cpu and
 // csrc/cuda); Python reaches them as torch.ops.cllm_rt.<op> once cllm_rt._C is
-// imported. The module has no functions, only constants: WITH_CUDA and BF16_PAIR_DOT telling
-// which build it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against.
+// imported. The module holds constants: WITH_CUDA, BF16_PAIR_DOT and AVX512 telling which build
+// it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against; and one
+// function, set_linear_tall_tile_rows (cpu/linear.h), the CPU linear's tile choice that
+// cllm_rt/ops.py measures.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/linear.h"
 
 TORCH_LIBRARY(cllm_rt, m) {
   // Greedy tokens argmax(logits, -1) [B, n] and accepted block length [B] (int64).
@@ -37,8 +40,23 @@ TORCH_LIBRARY(cllm_rt, m) {
   m.def("gumbel_uniform(Tensor seeds, Tensor positions, int vocab) -> Tensor");
 }
 
+static PyObject* set_linear_tall_tile_rows(PyObject*, PyObject* args) {
+  const char* dtype = nullptr;
+  long long rows = 0;
+  if (!PyArg_ParseTuple(args, "sL", &dtype, &rows)) return nullptr;
+  if (!cllm_rt::set_linear_tall_tile_rows(dtype, rows)) {
+    PyErr_Format(PyExc_ValueError, "set_linear_tall_tile_rows: no linear kernel for dtype %s", dtype);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"set_linear_tall_tile_rows", set_linear_tall_tile_rows, METH_VARARGS,
+       "set_linear_tall_tile_rows(dtype_name, rows): CPU linear calls of at most rows rows take tall tiles"},
+      {nullptr, nullptr, 0, nullptr}};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);
 #ifdef CLLM_RT_WITH_CUDA
   const long with_cuda = 1;

@@ -8,50 +8,83 @@ from cllm_rt import ops
 from cllm_rt.runtime.linears import routed_linears
 from tiny_models import tiny_model
 
-pair_dot = pytest.mark.skipif(not (ops.native_available() and ops._C.BF16_PAIR_DOT),
-                              reason="the extension was built without the AVX512-BF16 linear kernel")
+native = pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 
 
-@pair_dot
-def test_linear_pays_for_few_bf16_rows_on_a_cpu_only(monkeypatch):
-    x = torch.randn(ops.PAIR_DOT_MAX_ROWS, 16, dtype=torch.bfloat16)
-    assert ops.linear_pays(x) and ops.linear_pays(x[:1])
-    monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: True)  # torch's AMX GEMM from 4 rows
-    assert not ops.linear_pays(torch.randn(ops.PAIR_DOT_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
-    monkeypatch.setattr(ops, "_native_kernels_enabled", False)
-    assert not ops.linear_pays(x)
+def plan(monkeypatch, *pays: bool):
+    """Pretend small_row_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) for every dtype."""
+    monkeypatch.setattr(ops, "small_row_plan", lambda dtype: ops.SmallRowPlan(False, pays, {}))
 
 
-@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_small_row_plan_measures_every_small_row_count_and_sets_the_tiles(dtype):
+    measured = ops.small_row_plan(dtype)
+    assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1
+    names = [f"torch {rows}" for rows in range(1, ops.LINEAR_MIN_ROWS)] + ["tall 1", "tall 2", "wide 1", "wide 2"]
+    assert all(measured.ms[name] > 0 for name in names)
+    tiles = "tall" if measured.tall_tiles else "wide"
+    assert measured.pays[0] == (measured.ms[f"{tiles} 1"] < ops._SMALL_ROW_MARGIN * measured.ms["torch 1"])
+    assert ops.small_row_plan(dtype) is ops._measure_small_rows(dtype, torch.get_num_threads())  # once
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_tile_choice_does_not_change_a_bit(dtype):
+    """Tall and wide tiles sum each output in the same order (csrc/cpu/linear.h), so the measured choice
+    cannot change a token."""
+    x, weights = torch.randn(2, 200, dtype=dtype), [torch.randn(50, 200, dtype=dtype), torch.randn(7, 200, dtype=dtype)]
+    name = str(dtype).removeprefix("torch.")
+    try:
+        ops._C.set_linear_tall_tile_rows(name, 2)
+        tall = [ops.linear(x[:rows], weights) for rows in (1, 2)]
+        ops._C.set_linear_tall_tile_rows(name, 0)
+        wide = [ops.linear(x[:rows], weights) for rows in (1, 2)]
+    finally:
+        ops.small_row_plan(dtype)  # the measured choice again
+    for a, b in zip(tall, wide):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert torch.equal(tall[0][0][0], tall[1][0][0])  # and a row's bits do not depend on the other rows
+    with pytest.raises(ValueError, match="no linear kernel for dtype int8"):
+        ops._C.set_linear_tall_tile_rows("int8", 2)
+
+
+@native
 @pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
 def test_bf16_trees_route_where_the_cpu_has_no_amx(amx, monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: amx)
-    for rows in (2, ops.LINEAR_MIN_ROWS, ops.LINEAR_MAX_ROWS):
-        tree = torch.randn(rows, 16, dtype=torch.bfloat16)
-        pair_dot_rows = bool(ops._C.BF16_PAIR_DOT) and rows <= ops.PAIR_DOT_MAX_ROWS
-        assert ops.linear_pays(tree) == (not amx or pair_dot_rows)
+    plan(monkeypatch, True, False, True)
+    for rows in (ops.LINEAR_MIN_ROWS, ops.LINEAR_MAX_ROWS):
+        assert ops.linear_pays(torch.randn(rows, 16, dtype=torch.bfloat16)) == (not amx)
+    # fewer rows as measured, whatever the CPU
+    assert [ops.linear_pays(torch.randn(rows, 16, dtype=torch.bfloat16)) for rows in (1, 2, 3)] == [True, False, True]
     assert not ops.linear_pays(torch.randn(ops.LINEAR_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
 
 
-@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_pays_for_a_tree_s_rows_not_a_token_s_or_a_prompt_s(dtype, monkeypatch):
+def test_linear_pays_for_a_tree_s_rows_few_rows_as_measured_never_a_prompt_s(dtype, monkeypatch):
     def x(*shape):
         return torch.randn(*shape, 16, dtype=dtype)
+    plan(monkeypatch, False, False, False)
     assert ops.linear_pays(x(ops.LINEAR_MIN_ROWS)) and ops.linear_pays(x(ops.LINEAR_MAX_ROWS))
     assert ops.linear_pays(x(2, ops.LINEAR_MIN_ROWS // 2))  # rows = batch x tokens
     assert not ops.linear_pays(x(1, 1)) and not ops.linear_pays(x(ops.LINEAR_MIN_ROWS - 1))
-    assert not ops.linear_pays(x(1, ops.LINEAR_MAX_ROWS + 1))
+    plan(monkeypatch, True, False, True)
+    assert ops.linear_pays(x(1, 1)) and not ops.linear_pays(x(1, 2)) and ops.linear_pays(x(3, 1))
+    assert not ops.linear_pays(x(1, ops.LINEAR_MAX_ROWS + 1)) and not ops.linear_pays(x(0, 1))
     assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS).half())
     monkeypatch.setattr(ops, "_native_kernels_enabled", False)
-    assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS))
+    assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS)) and not ops.linear_pays(x(1))
 
 
-@pair_dot
-def test_a_bf16_model_routes_few_rows_and_is_restored():
+@native
+def test_a_bf16_model_routes_few_rows_and_is_restored(monkeypatch):
+    plan(monkeypatch, True, True, True)
     model = tiny_model("llama", dtype=torch.bfloat16)
     layer = model.model.layers[0].self_attn.q_proj
-    few, many = torch.randn(1, 2, 32, dtype=torch.bfloat16), torch.randn(1, 5, 32, dtype=torch.bfloat16)
+    few = torch.randn(1, 2, 32, dtype=torch.bfloat16)
+    many = torch.randn(1, ops.LINEAR_MAX_ROWS + 1, 32, dtype=torch.bfloat16)  # a prompt's rows
     with routed_linears(model):
         assert torch.equal(layer(few), ops.linear(few, [layer.weight], [layer.bias])[0])
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
@@ -59,9 +92,10 @@ def test_a_bf16_model_routes_few_rows_and_is_restored():
     assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
 
 
-@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_float_model_routes_a_tree_s_rows_and_keeps_torch_for_one_token(dtype):
+def test_a_float_model_routes_a_tree_s_rows_and_keeps_torch_for_one_token_where_measured_so(dtype, monkeypatch):
+    plan(monkeypatch, False, False, False)
     model = tiny_model("llama", dtype=dtype)
     layer = model.model.layers[0].mlp.down_proj
     K = layer.in_features

@@ -2,11 +2,12 @@
 
 Where: :func:`cllm_rt.ops.linear_pays` decides per call: float32/float64 calls of ``ops.LINEAR_MIN_ROWS`` to
 ``ops.LINEAR_MAX_ROWS`` rows (a token tree's or a batch's forward: the weights are read once for all its rows,
-where torch's small-row GEMM re-reads them per row), and bf16 calls as ``ops.linear_pays`` says (few rows with
-the AVX512-BF16 kernel, a tree's rows without AMX). Every other call (a one-token step, a prefill), and every
-model on another device, runs torch's own linear as before. The llama family's decoding step does not use
-this route: its own forward (``runtime/compact.py``) asks ``ops.linear_pays`` itself. The float64 exactness
-tests run through both: their trees and batches have those row counts.
+where torch's small-row GEMM re-reads them per row), bf16 calls of as many rows where the CPU has no AMX, and
+fewer rows (a one-token step, a tree of 2-3 nodes) where :func:`cllm_rt.ops.small_row_plan` measured
+``ops.linear`` faster on this machine. Every other call (a prefill), and every model on another device, runs
+torch's own linear as before. The llama family's decoding step does not use this route: its own forward
+(``runtime/compact.py``) asks ``ops.linear_pays`` itself. The float64 exactness tests run through both: their
+trees and batches have those row counts.
 
 What changes in float32 and bf16: the routed products sum in another order than torch's GEMM, so a decode can
 pick another token than HF's ``generate`` where two logits are within rounding (it already could: torch's own

@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #ifdef __AVX512BF16__
@@ -26,6 +28,7 @@
 #endif
 
 #include "../checks.h"
+#include "linear.h"
 #include "simd.h"
 
 namespace cllm_rt {
@@ -33,9 +36,10 @@ namespace {
 
 // Tiles of kM input rows x kN weight rows, one accumulator vector each: kM * kN accumulators +
 // kN weight vectors + 1 input vector must fit the register file (32 zmm / 16 ymm). Calls of a
-// few rows (a one-token step) take tall tiles: more weight rows streaming at once keep more
-// cache misses in flight. Wider calls take kMR rows per pass, so each weight vector loaded
-// from memory feeds up to kMR FMAs (an 8-node tree in one pass).
+// few rows (a one-token step) can take tall tiles: more weight rows streaming at once keep more
+// cache misses in flight, where the wide tiles' prefetch of the next tile does not already
+// (which one is faster is measured per machine: linear.h). Wider calls take kMR rows per pass,
+// so each weight vector loaded from memory feeds up to kMR FMAs (an 8-node tree in one pass).
 #ifdef __AVX512F__
 constexpr int kVecBytes = 64;
 constexpr int kMR = 8, kNR = 3;          // 24 accumulators + 3 + 1 = 28 of 32 registers
@@ -48,6 +52,18 @@ constexpr int kFewMR = 2, kFewNR = 4;    // 8 + 4 + 1 = 13
 constexpr int kMaxMR = std::max(kMR, kFewMR), kMaxNR = std::max(kNR, kFewNR);
 constexpr int64_t kBlockRows = 24;  // weight rows per parallel task: a multiple of kNR and kFewNR
 static_assert(kBlockRows % kNR == 0 && kBlockRows % kFewNR == 0);
+
+// The most rows that take tall tiles, per input dtype (set_linear_tall_tile_rows).
+constexpr const char* kDtypeNames[] = {"float32", "float64", "bfloat16", "float16"};
+std::atomic<int64_t> tall_tile_rows[4] = {kFewMR, kFewMR, kFewMR, kFewMR};
+
+template <typename scalar_t>
+constexpr int dtype_index() {
+  if constexpr (std::is_same_v<scalar_t, float>) return 0;
+  if constexpr (std::is_same_v<scalar_t, double>) return 1;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return 2;
+  return 3;
+}
 
 template <typename acc_t>
 using V = simd::Vec<acc_t, kVecBytes>;
@@ -208,7 +224,7 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
   std::vector<acc_t> xbuf(kWidenTiles ? R * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
   const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
-  const bool few = R <= kFewMR;
+  const bool few = R <= std::min<int64_t>(kFewMR, tall_tile_rows[dtype_index<scalar_t>()]);
   const int64_t tile_rows = few ? kFewMR : kMR, tile_cols = few ? kFewNR : kNR;
 
   // Tasks: kBlockRows-row blocks of every weight, numbered across the weights.
@@ -262,6 +278,16 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
 }
 
 }  // namespace
+
+bool set_linear_tall_tile_rows(const char* dtype, int64_t rows) {
+  for (int i = 0; i < 4; ++i) {
+    if (std::strcmp(dtype, kDtypeNames[i]) == 0) {
+      tall_tile_rows[i] = rows;
+      return true;
+    }
+  }
+  return false;
+}
 
 std::vector<at::Tensor> linear_cpu(const at::Tensor& input, at::TensorList weights,
                                    const c10::List<std::optional<at::Tensor>>& biases) {
