@@ -118,6 +118,19 @@ def batches(prompts: list[list[int]], size: int, pad: int):
         yield ids, mask
 
 
+def runner_for(model, methods: list[str]):
+    """``runner(method, ids, mask, max_new_tokens, corpus)`` running cllm_rt's and HF's methods on ``model``;
+    "drafts-hf-forward" on its own copy (decoding learns step costs per model object, and its steps cost
+    otherwise)."""
+    counter = ForwardCounter(model)
+    old_path = copy.deepcopy(model) if "drafts-hf-forward" in methods else None
+
+    def runner(method, ids, mask, max_new_tokens, corpus):
+        return run(method, old_path if method == "drafts-hf-forward" else model, counter, ids, mask,
+                   max_new_tokens, corpus)
+    return runner
+
+
 def compare(methods: list[str], runner, prompts: list[list[int]], *, batch: int, pad: int, max_new_tokens: int,
             seed: str, labels: dict) -> list[dict]:
     """Every method on every batch of ``prompts``, in a seeded random order per batch; one result per method.
@@ -186,14 +199,7 @@ def main() -> None:
     results = []
     for dtype in args.dtypes:
         model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
-        counter = ForwardCounter(model)
-
-        # its own copy: decoding learns step costs per model object, and these steps cost otherwise
-        old_path = copy.deepcopy(model) if "drafts-hf-forward" in methods else None
-
-        def runner(method, ids, mask, max_new_tokens, corpus):
-            return run(method, old_path if method == "drafts-hf-forward" else model, counter, ids, mask,
-                       max_new_tokens, corpus)
+        runner = runner_for(model, methods)
 
         warm = tokenizer("Hello", return_tensors="pt")
         for method in methods:  # first calls allocate; keep them out of the timings

@@ -34,7 +34,7 @@ import time
 import torch
 
 import bench_decoding
-from bench_decoding import ForwardCounter, compare, machine, prompts_of, report, run
+from bench_decoding import compare, machine, prompts_of, report, runner_for
 
 from cllm_rt.demo import data
 from cllm_rt.models import load_model
@@ -46,7 +46,7 @@ PEERS = {
     "llama-q4": "llama.cpp Q4_1 greedy",
     "llama-q4-lookup": "llama.cpp Q4_1 prompt lookup (10)",
 }
-OURS = ["hf", "hf-lookup", "ar", "drafts"]
+OURS = ["hf", "hf-lookup", "ar", "drafts", "drafts-hf-forward"]
 
 
 class LlamaCpp:
@@ -105,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench_decoding.METHODS.update(PEERS)  # print_table's names
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
-    counter = ForwardCounter(model)
+    ours = runner_for(model, args.methods)
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
     peers = {name: LlamaCpp(args.q4_gguf if "q4" in name else args.f32_gguf, args.threads, name.endswith("lookup"),
@@ -114,7 +114,7 @@ def main() -> None:
     def runner(method, ids, mask, max_new_tokens, corpus):
         if method in peers:
             return peers[method](ids, mask, max_new_tokens)
-        return run(method, model, counter, ids, mask, max_new_tokens, corpus)
+        return ours(method, ids, mask, max_new_tokens, corpus)
 
     methods = args.methods
     info = machine()
