@@ -15,6 +15,7 @@ with the same messages on the reference path.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from typing import NamedTuple
 
@@ -101,6 +102,10 @@ class SmallRowPlan(NamedTuple):
 def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
     """The small-row route for ``dtype`` at the current torch thread count, measured once per process (see
     :func:`_measure_small_rows`); also sets ops.linear's tile choice for ``dtype`` to the faster one."""
+    if _C is None:
+        raise RuntimeError("small_row_plan measures the native linear kernel: build the extension first")
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise ValueError(f"small_row_plan: dtype must be float32, float64 or bfloat16, got {dtype}")
     plan = _measure_small_rows(dtype, torch.get_num_threads())
     _C.set_linear_tall_tile_rows(str(dtype).removeprefix("torch."), 2 if plan.tall_tiles else 0)
     return plan
@@ -110,9 +115,7 @@ def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
 def _measure_small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
     """Times ops.linear (tall and wide tiles) and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows on weights of
     2 x 64 MiB, used alternately so that every call streams its weight from memory as a decoding step does
-    (~0.5 s). Medians of 5 interleaved calls."""
-    import time
-
+    (0.15-0.3 s on a Zen 5). Medians of 5 interleaved calls."""
     K = 1024
     weights = [torch.full((64 * 2**20 // (K * torch.finfo(dtype).bits // 8), K), 0.5, dtype=dtype)
                for _ in range(2)]
