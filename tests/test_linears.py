@@ -18,14 +18,21 @@ def plan(monkeypatch, *pays: bool):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_small_row_plan_measures_every_small_row_count_and_sets_the_tiles(dtype):
+def test_small_row_plan_measures_every_small_row_count_once_and_follows_its_medians(dtype):
     measured = ops.small_row_plan(dtype)
-    assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1
-    names = [f"torch {rows}" for rows in range(1, ops.LINEAR_MIN_ROWS)] + ["tall 1", "tall 2", "wide 1", "wide 2"]
-    assert all(measured.ms[name] > 0 for name in names)
-    tiles = "tall" if measured.tall_tiles else "wide"
-    assert measured.pays[0] == (measured.ms[f"{tiles} 1"] < ops._SMALL_ROW_MARGIN * measured.ms["torch 1"])
-    assert ops.small_row_plan(dtype) is ops._measure_small_rows(dtype, torch.get_num_threads())  # once
+    ms = measured.ms
+    assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1 and all(t > 0 for t in ms.values())
+    assert measured.tall_tiles == (ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"])
+    for rows, pays in enumerate(measured.pays, 1):
+        ours = ms[f"tall {rows}"] if measured.tall_tiles and rows <= 2 else ms[f"wide {rows}"]
+        assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
+    assert ops.small_row_plan(dtype) is measured  # cached per dtype and thread count
+
+
+@native
+def test_small_row_plan_refuses_a_dtype_without_a_kernel():
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16, got torch.float16"):
+        ops.small_row_plan(torch.float16)
 
 
 @native
