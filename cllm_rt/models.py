@@ -37,6 +37,8 @@ import shutil
 import sys
 import time
 
+from .cache_dir import cache_dir
+
 __all__ = ["KnownModel", "KNOWN_MODELS", "MARKER", "cache_dir", "resolve_model", "load_model"]
 
 
@@ -75,14 +77,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 MARKER = "cllm_rt_model.json"
 # Bump when the converted layout changes: directories of another format are converted again.
 _FORMAT = 2  # 2: the marker records file sizes
-
-
-def cache_dir() -> pathlib.Path:
-    """``$CLLM_RT_CACHE`` if set, else ``$XDG_CACHE_HOME/cllm_rt``, else ``~/.cache/cllm_rt``."""
-    if os.environ.get("CLLM_RT_CACHE"):
-        return pathlib.Path(os.environ["CLLM_RT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return pathlib.Path(xdg).expanduser() / "cllm_rt" if xdg else pathlib.Path.home() / ".cache" / "cllm_rt"
 
 
 def resolve_model(spec: str | os.PathLike) -> pathlib.Path:

@@ -15,12 +15,19 @@ with the same messages on the reference path.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import pathlib
+import platform
 import time
 import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .cache_dir import cache_dir
 
 def _load_extension():
     """cllm_rt._C, or None with a warning that says why: not built (the usual case: a source checkout
@@ -85,8 +92,8 @@ def cpu_has_amx_bf16() -> bool:
 # are measured on the machine at hand (:func:`small_row_plan`).
 LINEAR_MIN_ROWS = 4
 LINEAR_MAX_ROWS = 24 if getattr(_C, "AVX512", 0) else 16
-# ops.linear takes a small-row call only when it measured at least this much faster than torch's: a near tie
-# stays with torch, so the route (and with it the float32 rounding) does not flip from run to run.
+# ops.linear takes a small-row call only when it measured at least this much faster than torch's: a near tie,
+# where a rerun of the measurement could decide either way, stays with torch.
 _SMALL_ROW_MARGIN = 0.9
 
 
@@ -100,19 +107,69 @@ class SmallRowPlan(NamedTuple):
 
 
 def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
-    """The small-row route for ``dtype`` at the current torch thread count, measured once per process (see
-    :func:`_measure_small_rows`); also sets ops.linear's tile choice for ``dtype`` to the faster one."""
+    """The small-row route for ``dtype`` at the current torch thread count (see :func:`_measure_small_rows`),
+    measured once per machine and kept in the cache directory (:func:`_plan_file`), so that every process on a
+    machine routes alike and float32 results do not depend on which process ran; also sets ops.linear's tile
+    choice for ``dtype`` to the faster one. Delete the file to measure again."""
     if _C is None:
         raise RuntimeError("small_row_plan measures the native linear kernel: build the extension first")
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise ValueError(f"small_row_plan: dtype must be float32, float64 or bfloat16, got {dtype}")
-    plan = _measure_small_rows(dtype, torch.get_num_threads())
+    plan = _small_rows(dtype, torch.get_num_threads())
     _C.set_linear_tall_tile_rows(str(dtype).removeprefix("torch."), 2 if plan.tall_tiles else 0)
     return plan
 
 
+def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
+    """``linear-plans/<machine>-<dtype>-<threads>t.json`` under :func:`cllm_rt.cache_dir.cache_dir`; <machine> hashes the CPU (model, family, flags), the torch
+    version and the extension's build, which is what the measurement depends on."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:  # the first processor's block
+            cpu = cpuinfo.read().split("\n\n")[0]
+        cpu = "\n".join(line for line in cpu.splitlines() if line.split(":")[0].strip() in
+                        ("vendor_id", "cpu family", "model", "model name", "stepping", "flags"))
+    except OSError:
+        cpu = platform.processor()
+    build = (torch.__version__, getattr(_C, "AVX512", 0), getattr(_C, "BF16_PAIR_DOT", 0), LINEAR_MIN_ROWS)
+    machine = hashlib.sha256(f"{cpu}|{build}".encode()).hexdigest()[:16]
+    name = str(dtype).removeprefix("torch.")
+    return cache_dir() / "linear-plans" / f"{machine}-{name}-{threads}t.json"
+
+
+def _read_plan(path: pathlib.Path) -> SmallRowPlan:
+    fields = json.loads(path.read_text())
+    return SmallRowPlan(bool(fields["tall_tiles"]), tuple(map(bool, fields["pays"])), dict(fields["ms"]))
+
+
 @functools.cache
-def _measure_small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
+def _small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
+    """The plan kept for this machine, else measured now and kept. Processes measuring at once (a torchrun
+    launch) each measure; the first to publish its file wins and the others read it back."""
+    path = _plan_file(dtype, threads)
+    try:
+        return _read_plan(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    plan = _measure_small_rows(dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(plan._asdict()))
+        try:
+            if path.exists():  # unreadable (above): ours replaces it
+                os.replace(scratch, path)
+            else:
+                os.link(scratch, path)  # fails if another process published first
+        except FileExistsError:
+            pass
+        finally:
+            scratch.unlink(missing_ok=True)
+        return _read_plan(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return plan  # no writable cache: this process's own measurement
+
+
+def _measure_small_rows(dtype: torch.dtype) -> SmallRowPlan:
     """Times ops.linear (tall and wide tiles) and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows on weights of
     2 x 64 MiB, used alternately so that every call streams its weight from memory as a decoding step does
     (0.15-0.3 s on a Zen 5). Medians of 5 interleaved calls."""

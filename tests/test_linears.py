@@ -1,5 +1,7 @@
 """Routing a model's linear layers to ops.linear where it pays (ops.linear_pays), and only there."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,33 @@ def test_small_row_plan_measures_every_small_row_count_once_and_follows_its_medi
         ours = ms[f"tall {rows}"] if measured.tall_tiles and rows <= 2 else ms[f"wide {rows}"]
         assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
     assert ops.small_row_plan(dtype) is measured  # cached per dtype and thread count
+
+
+@native
+def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLLM_RT_CACHE", str(tmp_path))
+    ops._small_rows.cache_clear()
+    try:
+        measured = ops.small_row_plan(torch.float32)
+        path = ops._plan_file(torch.float32, torch.get_num_threads())
+        assert path.parent == tmp_path / "linear-plans" and ops._read_plan(path) == measured
+        # a plan another process published is the one every later process uses
+        other = ops.SmallRowPlan(not measured.tall_tiles, tuple(not p for p in measured.pays), {"torch 1": 1.0})
+        path.write_text(json.dumps(other._asdict()))
+        ops._small_rows.cache_clear()
+        assert ops.small_row_plan(torch.float32) == other
+        # an unreadable file is measured again and replaced, leaving no scratch file
+        path.write_text("{")
+        ops._small_rows.cache_clear()
+        again = ops.small_row_plan(torch.float32)
+        assert ops._read_plan(path) == again and len(again.pays) == ops.LINEAR_MIN_ROWS - 1
+        assert [p.name for p in path.parent.iterdir()] == [path.name]
+        # no writable cache: the process's own measurement
+        monkeypatch.setenv("CLLM_RT_CACHE", str(path))  # a file, not a directory
+        ops._small_rows.cache_clear()
+        assert len(ops.small_row_plan(torch.float32).pays) == ops.LINEAR_MIN_ROWS - 1
+    finally:
+        ops._small_rows.cache_clear()  # later tests read the real cache again
 
 
 @native
