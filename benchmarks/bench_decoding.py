@@ -169,14 +169,16 @@ def compare(methods: list[str], runner, prompts: list[list[int]], *, batch: int,
 
 
 def machine() -> dict:
+    with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    fields = {}  # the first processor's value of each key
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    # "cpu family" and "model": the model name alone ("AMD EPYC") does not tell a Zen 1 from a Zen 5
     info = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                         if line.startswith("model name")), platform.processor()),
-            "avx512": "avx512f" in open("/proc/cpuinfo").read(), "load_average": os.getloadavg()}
-    # the model name alone ("AMD EPYC") does not tell a Zen 1 from a Zen 5
-    for key in ("cpu family", "model"):
-        info[key.replace(" ", "_")] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                             if line.split(":", 1)[0].strip() == key), None)
+            "cpu": fields.get("model name", platform.processor()), "cpu_family": fields.get("cpu family"),
+            "model": fields.get("model"), "avx512": "avx512f" in cpuinfo, "load_average": os.getloadavg()}
     return info
 
 

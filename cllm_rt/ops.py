@@ -121,8 +121,9 @@ def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
 
 
 def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
-    """``linear-plans/<machine>-<dtype>-<threads>t.json`` under :func:`cllm_rt.cache_dir.cache_dir`; <machine> hashes the CPU (model, family, flags), the torch
-    version and the extension's build, which is what the measurement depends on."""
+    """``linear-plans/<machine>-<dtype>-<threads>t.json`` under :func:`cllm_rt.cache_dir.cache_dir`; <machine>
+    hashes the CPU (model, family, flags), the torch version and the extension's build, which is what the
+    measurement depends on."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:  # the first processor's block
             cpu = cpuinfo.read().split("\n\n")[0]
