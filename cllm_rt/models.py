@@ -126,10 +126,49 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if torch_device is not None:
         model.to(torch_device)
+    _own_weights(model)
     from . import draft_head
 
     draft_head.attach(model, draft_head.load(str(path), model))  # None when no head was saved beside it
     return model.eval(), tokenizer
+
+
+def _own_weights(model) -> None:
+    """Copies the CPU weights out of the checkpoint's memory map into memory of the process's own, on huge
+    pages where the OS has them.
+
+    transformers leaves the tensors it did not convert (a float32 checkpoint loaded as float32) as views of the
+    mapped .safetensors file, and every decoding step streams all the weights. Measured on a Zen 5 KVM
+    (SmolLM2 float32, 256 cached tokens): ``torch.sum`` over the LM head 37 GB/s from the map, 41 from a copy;
+    the decoding step from the map vs from copies on huge pages, 1 thread: 30.1 vs 23.8-26.2 ms at one token,
+    44.2 vs 33.4-34.9 ms at eight; 2 threads: 20.3 vs 18.7-19.3 and 28.1 vs 21.7-22.6 ms. The copy adds
+    0.1-0.4 s to a load (the first step no longer faults the map's pages in); the mapped pages stay in the page
+    cache, which the OS reclaims when memory is short.
+    """
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one parameter: copied once, still tied
+            if param.device.type == "cpu":
+                fresh = torch.empty_like(param.data)
+                _advise_huge_pages(fresh)  # before the copy touches its pages
+                fresh.copy_(param.data)
+                param.data = fresh
+
+
+def _advise_huge_pages(tensor) -> None:
+    """Asks Linux to back ``tensor``'s memory with transparent huge pages (``madvise(MADV_HUGEPAGE)``; fewer
+    TLB misses while streaming, 512x fewer page faults when first written). Best effort: a no-op elsewhere, and
+    the call's failure (THP off, a small tensor) changes nothing but speed."""
+    import ctypes
+    import mmap
+
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 def _torch_dtype(dtype):

@@ -131,7 +131,10 @@ def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
                         ("vendor_id", "cpu family", "model", "model name", "stepping", "flags"))
     except OSError:
         cpu = platform.processor()
-    build = (torch.__version__, getattr(_C, "AVX512", 0), getattr(_C, "BF16_PAIR_DOT", 0), LINEAR_MIN_ROWS)
+    # the extension file's size and time: a rebuilt kernel (a new install) is measured again
+    binary = os.stat(_C.__file__)
+    build = (torch.__version__, getattr(_C, "AVX512", 0), getattr(_C, "BF16_PAIR_DOT", 0), LINEAR_MIN_ROWS,
+             binary.st_size, binary.st_mtime_ns)
     machine = hashlib.sha256(f"{cpu}|{build}".encode()).hexdigest()[:16]
     name = str(dtype).removeprefix("torch.")
     return cache_dir() / "linear-plans" / f"{machine}-{name}-{threads}t.json"

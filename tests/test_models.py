@@ -193,6 +193,33 @@ def test_short_name_converts_once_into_a_plain_model_equal_to_the_gguf_one(tiny,
     assert _entries(cache) == [f".{path.name}.lock", path.name]
 
 
+def _mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files mapped where ``tensor``'s data lies (/proc/self/maps)."""
+    address, files = tensor.data_ptr(), []
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end and len(fields) > 5:
+            files.append(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_load_model_weights_are_the_process_own_not_the_mapped_checkpoint(tiny):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model("tiny-test")
+    checkpoint = str(path / "model.safetensors")
+    # what transformers does alone: views of the mapped file (the premise; if that changes, so may this copy)
+    mapped = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    assert checkpoint in _mapped_files(mapped.lm_head.weight)
+    model, _ = load_model("tiny-test")
+    for name, param in model.named_parameters():
+        assert checkpoint not in _mapped_files(param), name
+        assert torch.equal(param, mapped.get_parameter(name)), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
 def test_load_model_dtype_and_device(tiny):
     model, _ = load_model("tiny-test", dtype="float64", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float64}
