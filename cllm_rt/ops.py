@@ -227,9 +227,10 @@ def linear_pays(x: torch.Tensor) -> bool:
 
 def routed_linear(input: torch.Tensor, weights, biases) -> list[torch.Tensor]:
     """``[F.linear(input, w, b)]`` for each weight, as one :func:`linear` call where :func:`linear_pays`, else
-    torch's linear per weight: what the decoding step's linear layers run."""
+    torch's linear per weight: what the decoding step's linear layers run. Calls the kernel without
+    :func:`linear`'s Python checks (its own checks stay): ~3 us a call, a third of a millisecond a SmolLM2 step."""
     if linear_pays(input):
-        return linear(input, weights, biases)
+        return list(torch.ops.cllm_rt.linear(input, list(weights), list(biases)))
     return [F.linear(input, w, b) for w, b in zip(weights, biases)]
 
 

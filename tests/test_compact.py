@@ -43,7 +43,7 @@ def _forwards(model, use_compact: bool) -> list[torch.Tensor]:
         compact.use_compact_forward(True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_compact_forward_gives_the_hf_forward_s_bits(arch, dtype):
     # Same weights, same ops in the same order: identical even in float32, cache included (a chain, a tree, a
@@ -83,6 +83,21 @@ def test_a_hook_on_a_skipped_module_keeps_the_hf_forward():
     cllm_rt.generate(model, *random_prompts(1, [4]), max_new_tokens=3)
     assert calls  # the hook saw the decoding steps
     handle.remove()
+    assert compact.applies(model)
+
+
+def test_a_hooked_or_replaced_norm_keeps_the_hf_forward():
+    # the compact forward writes the RMSNorm out instead of calling it: a hook on it, or another norm, must see
+    # the HF forward
+    model = tiny_model("llama")
+    handle = model.model.layers[0].post_attention_layernorm.register_forward_pre_hook(lambda *args: None)
+    assert not compact.applies(model)
+    handle.remove()
+    assert compact.applies(model)
+    stock = model.model.norm
+    model.model.norm = torch.nn.LayerNorm(model.config.hidden_size)
+    assert not compact.applies(model)
+    model.model.norm = stock
     assert compact.applies(model)
 
 
