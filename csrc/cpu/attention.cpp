@@ -115,8 +115,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   // Fewer (batch row, KV head) groups than threads: split each group's query rows
   // into parts (each re-reads the K/V tiles) so no thread idles.
   const int64_t parts = std::clamp<int64_t>(at::get_num_threads() / groups, 1,
-                                            (M + kNR<acc_t> - 1) / kNR<acc_t>);
-  const int64_t Mq = round_up((M + parts - 1) / parts, kNR<acc_t>);  // rows per part, padded
+                                            (M + kVecLanes<acc_t> - 1) / kVecLanes<acc_t>);
+  // rows per part, padded to whole vectors (a one-token step's 3 query rows to 8, not 16: the
+  // score product's work is Mq columns, whatever the rows)
+  const int64_t Mq = round_up((M + parts - 1) / parts, kVecLanes<acc_t>);
   const int64_t num_parts = (M + Mq - 1) / Mq;
   const int64_t Dp = round_up(D, kNR<acc_t>);
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -126,10 +128,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), qs3 = q.stride(3);
 
   at::parallel_for(0, groups * num_parts, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread panels: (scale Q)^T, S^T, K and V tiles when they must be widened
-    // or padded (float32 ones are read in the cache), output, row statistics.
-    std::vector<acc_t> qt(D * Mq), st(kTile * Mq), kbuf(kTile * D), vbuf(kTile * Dp),
-        obuf(Mq * Dp), qi(Mq), row_max(Mq), row_sum(Mq), alpha(Mq), tile_buf(Mq);
+    // Per-thread panels: (scale Q)^T, S^T, K and V tiles only when they must be widened
+    // or padded (float32 ones are read in the cache, and their buffers stay empty rather
+    // than 2 x 32 KB zeroed per call), output, row statistics.
+    constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> qt(D * Mq), st(kTile * Mq), kbuf(kWiden ? kTile * D : 0),
+        vbuf(kWiden || Dp != D ? kTile * Dp : 0), obuf(Mq * Dp), qi(Mq), row_max(Mq),
+        row_sum(Mq), alpha(Mq), tile_buf(Mq);
     std::vector<uint64_t> row_ancestors(ancestors != nullptr ? Mq : 0);
     const RowMask<acc_t> mask{qi.data(), ancestors != nullptr ? row_ancestors.data() : nullptr};
     for (int64_t task = begin; task < end; ++task) {
