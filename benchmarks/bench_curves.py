@@ -1,26 +1,30 @@
 """Is consistency training learning here? (issue #20 item 1): curves against blocks seen, on training and
-held-out prompts, for SmolLM2-135M-Instruct, GSM8K, block 16, cllm-global.
+held-out prompts, for SmolLM2-135M-Instruct, cllm-global, on GSM8K (--domain math) or Spider (--domain sql) at
+--block-size (16 by default).
 
 Two measures at the target (step 0) and at every kept checkpoint, on the training prompts' trajectories and on
-held-out (GSM8K *test*) prompts' trajectories, each collected from the target with the same settings:
+held-out prompts' trajectories (GSM8K *test*; Spider's held-out databases), each collected from the target with
+the same settings:
   one-step   one forward over context + a recorded non-final Jacobi state y^(j) of a block; position i is right
              when the model's argmax there (its guess for token i given y^(j)_{<i}) equals the fixed point y*_i.
              Reported over all positions, and over the positions beyond the state's converged prefix (the
              longest prefix of y^(j) already equal to y*): only those positions can shorten Jacobi, since the
              prefix is right by construction (a causal model gives y*_i whenever y^(j)_{<i} = y*_{<i}).
-  jacobi     tokens per forward of plain Jacobi decoding (block 16, no drafts, 128 new tokens, batch 1) on a
-             few prompts of the split.
+  jacobi     tokens per forward of plain Jacobi decoding (--block-size, no drafts, 128 new tokens, batch 1) on
+             a few prompts of the split.
 Learning shows as rising curves on both splits; memorising as a rising train curve over a flat
 held-out one.
 
 Stages, one process at 1 thread (the machine is shared), each reading what the earlier left in --out:
-  collect    held-out trajectories (GSM8K test prompts), through bench_training's collect stage
-  train      cllm-global from --train-trajectories, batch 4 blocks, every --save-every steps a loadable model
+  collect    held-out trajectories, and the training prompts' unless --train-trajectories names them, through
+             bench_training's collect stage (in this process, so one process)
+  train      cllm-global from the training trajectories, batch 4 blocks, every --save-every steps a loadable model
   evaluate   both measures for the target and every checkpoint, both splits
   report     results JSON (and the PNG when matplotlib is installed)
 
     OMP_NUM_THREADS=1 python benchmarks/bench_curves.py --out /tmp/curves \
         --train-trajectories runs/distill/trajectories --steps 64 --save-every 16
+    OMP_NUM_THREADS=1 python benchmarks/bench_curves.py --out /tmp/curves-sql --domain sql --steps 64 --save-every 16
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -36,6 +41,10 @@ import bench_training  # noqa: E402  (benchmarks/ is the script's directory)
 from bench_training import BLOCK_SIZE, MAX_NEW_TOKENS, MODEL, _log  # noqa: E402
 
 OBJECTIVE, BATCH_SIZE = "cllm-global", 4
+DATA = {  # --domain -> (the data's name, in file names and titles; what the training and held-out prompts are)
+    "math": ("GSM8K", "GSM8K train", "GSM8K test"),
+    "sql": ("Spider", "Spider dev, training databases", "Spider dev, held-out databases"),
+}
 
 
 def stage_train(args) -> None:
@@ -44,18 +53,25 @@ def stage_train(args) -> None:
     config = TrainConfig(objective=OBJECTIVE, batch_size=BATCH_SIZE, lr=args.lr, seed=0, max_steps=args.steps,
                          warmup=max(1, args.steps // 10), save_every=args.save_every, keep_models=True)
     start = time.perf_counter()
-    train(MODEL, args.train_trajectories, os.path.join(args.out, OBJECTIVE), config, progress=False, device="cpu")
+    train(MODEL, _splits(args)["train"], os.path.join(args.out, OBJECTIVE), config, progress=False, device="cpu")
     print(f"trained {OBJECTIVE}: {args.steps} steps, {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def stage_collect(args) -> None:
-    """Held-out trajectories: the target's Jacobi trajectories of GSM8K test prompts, as for the training ones."""
-    bench_training.stage_collect(argparse.Namespace(out=os.path.join(args.out, "heldout"), prompts=args.prompts,
-                                                    data_dir=args.data_dir), split="eval")
+    """The target's Jacobi trajectories of the held-out prompts, and of the training prompts unless
+    --train-trajectories names them, both with the same settings (domain, block size)."""
+    splits = {"heldout": ("eval", args.prompts)}
+    if not args.train_trajectories:
+        splits["train"] = ("train", args.train_prompts)
+    for name, (split, count) in splits.items():
+        bench_training.stage_collect(argparse.Namespace(out=os.path.join(args.out, name), prompts=count,
+                                                        data_dir=args.data_dir),
+                                     split=split, domain=args.domain, block_size=args.block_size)
 
 
 def _splits(args) -> dict[str, str]:
-    return {"train": args.train_trajectories, "heldout": os.path.join(args.out, "heldout", "trajectories")}
+    train = args.train_trajectories or os.path.join(args.out, "train", "trajectories")
+    return {"train": train, "heldout": os.path.join(args.out, "heldout", "trajectories")}
 
 
 def _models(args) -> list[tuple[str, str | None, int]]:
@@ -125,15 +141,15 @@ def one_step(model, chosen) -> dict:
             "tokens_gained_per_forward": totals["gained"] / totals["states"]}
 
 
-def jacobi(model, prompts: list[list[int]]) -> dict:
-    """Plain Jacobi decoding (no drafts, block 16, batch 1): tokens made final per decode forward, pooled."""
+def jacobi(model, prompts: list[list[int]], block_size: int) -> dict:
+    """Plain Jacobi decoding (no drafts, batch 1): tokens made final per decode forward, pooled."""
     import torch
 
     from cllm_rt import generate
 
     tokens = steps = 0
     for prompt in prompts:
-        histogram = generate(model, torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, block_size=BLOCK_SIZE,
+        histogram = generate(model, torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, block_size=block_size,
                              drafts=None).stats.accepted_histogram  # [k] = forwards that made k tokens final
         tokens += sum(k * c for k, c in enumerate(histogram))
         steps += sum(histogram)
@@ -147,6 +163,10 @@ def stage_evaluate(args) -> None:
     from cllm_rt.training.storage import load_trajectories
 
     splits = {name: load_trajectories(path) for name, path in _splits(args).items()}
+    for name, trajectories in splits.items():  # the one-step measure reads the recorded states' block size
+        if trajectories.block_size != args.block_size:
+            sys.exit(f"the {name} trajectories are of block {trajectories.block_size}, not --block-size "
+                     f"{args.block_size}")
     chosen = {name: _chosen_states(t, args.states) for name, t in splits.items()}
     prompts = {name: [p.prompt for p in t.prompts[:args.jacobi_prompts]] for name, t in splits.items()}
     os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
@@ -160,7 +180,7 @@ def stage_evaluate(args) -> None:
             start = time.perf_counter()
             result[split] = {"one_step": one_step(model, chosen[split])}
             middle = time.perf_counter()
-            result[split]["jacobi"] = jacobi(model, prompts[split])
+            result[split]["jacobi"] = jacobi(model, prompts[split], args.block_size)
             result[split]["seconds"] = {"one_step": middle - start, "jacobi": time.perf_counter() - middle}
         with open(result_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
@@ -195,8 +215,16 @@ def extrapolate(blocks: list[int], values: list[float], goal: float) -> dict:
             "log_linear": {"intercept": la, "slope_per_log_block": lb, "blocks": log_linear}}
 
 
+def results_name(args) -> str:
+    """curves-smollm2-<data>-b<block size>; GSM8K at block 16 keeps its first name, curves-smollm2-gsm8k."""
+    name = f"curves-smollm2-{DATA[args.domain][0].lower()}"
+    return name if (args.domain, args.block_size) == ("math", 16) else f"{name}-b{args.block_size}"
+
+
 def report(args) -> dict:
     from bench_decoding import machine
+
+    from cllm_rt.demo.data import load_domain
 
     rows = []
     for name, _, step in _models(args):
@@ -223,11 +251,13 @@ def report(args) -> dict:
     manifests = {split: json.load(open(os.path.join(path, "manifest.json"), encoding="utf-8"))
                  for split, path in _splits(args).items()}
     results = {
-        "model": MODEL, "objective": OBJECTIVE, "dtype": "float32", "block_size": BLOCK_SIZE,
+        "model": MODEL, "objective": OBJECTIVE, "dtype": "float32", "domain": args.domain,
+        "data": DATA[args.domain][0], "split": load_domain(args.domain, args.data_dir).split,
+        "block_size": args.block_size,
         "max_new_tokens": MAX_NEW_TOKENS, "lr": args.lr, "batch_size": BATCH_SIZE, "warmup": max(1, args.steps // 10),
         "steps": len(log), "blocks_seen": len(log) * BATCH_SIZE,
         "trajectories": {split: {"prompts": m["prompts_kept"], "blocks": sum(s["blocks"] for s in m["shards"]),
-                                 "data": "GSM8K train" if split == "train" else "GSM8K test"}
+                                 "data": DATA[args.domain][1 if split == "train" else 2]}
                          for split, m in manifests.items()},
         "training": {"minutes": sum(e["seconds"] for e in log) / 60, "blocks_per_second": blocks_per_second,
                      "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]},
@@ -238,15 +268,16 @@ def report(args) -> dict:
                                      "the one position the prefix makes right by construction",
             "tokens_gained_per_forward": "mean over states of the run of right guesses starting at the end of the "
                                          "state's converged prefix: tokens one Jacobi iteration fixes from it",
-            "tokens_per_forward": "plain Jacobi decoding (block 16, no drafts, batch 1, 128 new tokens), tokens "
-                                  "made final per decode forward pooled over the split's first prompts"},
+            "tokens_per_forward": f"plain Jacobi decoding (block {args.block_size}, no drafts, batch 1, "
+                                  f"{MAX_NEW_TOKENS} new tokens), tokens made final per decode forward pooled over "
+                                  "the split's first prompts"},
         "target_heldout_jacobi_tokens_per_forward": target_tpf,
         "extrapolation": fits,
         "extrapolation_note": "least-squares fits of a short run's few points, extended far beyond them; the "
                               "fits ignore epochs (the training set is small) and learning-rate decay",
         "rows": rows, "machine": {**machine(), "description": args.machine, "torch_threads": 1}}
-    bench_training.save_results(args, "curves-smollm2-gsm8k", results, format_table(results))
-    _plot(results, os.path.join(args.results, "curves-smollm2-gsm8k.png"))
+    bench_training.save_results(args, results_name(args), results, format_table(results))
+    _plot(results, os.path.join(args.results, f"{results_name(args)}.png"))
     return results
 
 
@@ -279,14 +310,20 @@ def _plot(results: dict, path: str) -> None:
             ax.plot(blocks, [r[split][measure][key] for r in results["rows"]], style, label=split)
         ax.set(xlabel="blocks seen", title=key.replace("_", " "))
         ax.legend(fontsize=7)
-    bench_training.save_figure(plt, fig, f"SmolLM2-135M-Instruct, GSM8K, block {BLOCK_SIZE}, {OBJECTIVE}", path)
+    bench_training.save_figure(plt, fig, f"SmolLM2-135M-Instruct, {results['data']}, block {results['block_size']}, "
+                                         f"{OBJECTIVE}", path)
 
 
 def main() -> None:
     parser = bench_training.stage_parser(__doc__, "runs/curves")
-    parser.add_argument("--train-trajectories", required=True,
-                        help="trajectories of GSM8K training prompts (bench_training / bench_distill collect)")
-    parser.add_argument("--prompts", type=int, default=12, help="held-out GSM8K test prompts collected")
+    parser.add_argument("--domain", choices=tuple(DATA), default="math", help="math: GSM8K; sql: Spider")
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE,
+                        help="of the collected trajectories and of Jacobi decoding")
+    parser.add_argument("--train-trajectories",
+                        help="trajectories of the domain's training prompts at --block-size (bench_training / "
+                             "bench_distill collect); default: the collect stage collects --train-prompts of them")
+    parser.add_argument("--train-prompts", type=int, default=40, help="training prompts collected")
+    parser.add_argument("--prompts", type=int, default=12, help="held-out prompts collected")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--save-every", type=int, default=16, help="steps between evaluated checkpoints")
     parser.add_argument("--lr", type=float, default=1e-5)

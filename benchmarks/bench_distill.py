@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import bench_training  # noqa: E402  (benchmarks/ is the script's directory)
-from bench_training import BLOCK_SIZE, MAX_NEW_TOKENS, MODEL, _log, _math  # noqa: E402
+from bench_training import BLOCK_SIZE, MAX_NEW_TOKENS, MODEL, _log, load_examples  # noqa: E402
 
 RUNS = {"ar": {"ar_weight": 10.0}, "distill": {"ar_weight": 0.0, "distill_weight": 10.0}}
 BATCH_SIZE = 4
@@ -50,7 +50,7 @@ def stage_evaluate(args) -> None:
     from cllm_rt.models import load_model
 
     target, tokenizer = load_model(MODEL, dtype="float32")
-    examples = {"math": _math("eval", args.eval_prompts, args.data_dir)}
+    examples = {"math": load_examples("math", "eval", args.eval_prompts, args.data_dir)}
     settings = evaluate.EvalSettings(block_size=BLOCK_SIZE)
     for name in ("target", *RUNS):
         models, methods = {"target": target}, TARGET_METHODS
@@ -71,7 +71,7 @@ def report(args) -> dict:
     from bench_decoding import machine
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(MODEL)))
-    examples = {"math": _math("eval", args.eval_prompts, args.data_dir)}
+    examples = {"math": load_examples("math", "eval", args.eval_prompts, args.data_dir)}
     records = {name: data.read_jsonl(os.path.join(args.out, "eval", name, "runs.jsonl")) for name in ("target", *RUNS)}
     keep = ("prompts", "tokens_per_forward", "non_loop_tokens_per_forward", "loop_share", "same", "greedy_agreement",
             "token_agreement", "answer_agreement", "accuracy", "target_perplexity")

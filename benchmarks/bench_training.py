@@ -37,16 +37,25 @@ TARGET_METHODS = ("target+hf", "target+jacobi", "target+best")  # HF greedy: the
 TRAINED_METHODS = ("cllm+jacobi", "cllm+best")
 
 
-def _math(split: str, count: int, data_dir: str | None):
+def load_examples(domain: str, split: str, count: int, data_dir: str | None):
+    """``count`` prompts of ``domain``'s ``split`` ("train", or "eval": held out): GSM8K's first ones (math),
+    a seeded sample for Spider (sql), whose rows come grouped by database, so its first ones would be one
+    database's questions, most of them twice in other words."""
+    import random
+
     from cllm_rt.demo import data
 
-    domain = data.load_math(data_dir)
-    return (domain.train if split == "train" else domain.eval)[:count]
+    loaded = data.load_domain(domain, data_dir)
+    chosen = loaded.train if split == "train" else loaded.eval
+    if domain == "sql":
+        chosen = random.Random(f"0:sql-{split}").sample(chosen, len(chosen))
+    return chosen[:count]
 
 
-def stage_collect(args, split: str = "train") -> None:
-    """Run under torchrun (this file re-launches itself): every process collects its share of the prompts
-    (of GSM8K's ``split``: "train", or "eval" for held-out trajectories)."""
+def stage_collect(args, split: str = "train", domain: str = "math", block_size: int = BLOCK_SIZE) -> None:
+    """Every process collects its share of the prompts of ``domain``'s ``split`` ("train", or "eval" for
+    held-out trajectories): under torchrun as this file's collect stage (it re-launches itself), a single
+    process when called directly (bench_distill, bench_curves)."""
     import torch
 
     from cllm_rt.demo.data import prompt_tokens
@@ -56,8 +65,9 @@ def stage_collect(args, split: str = "train") -> None:
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(MODEL, dtype="float32")
-    prompts = [Prompt(prompt_tokens(tokenizer, ex)) for ex in _math(split, args.prompts, args.data_dir)]
-    settings = CollectSettings(block_size=BLOCK_SIZE, max_new_tokens=MAX_NEW_TOKENS, shard_size=16)
+    chosen = load_examples(domain, split, args.prompts, args.data_dir)
+    prompts = [Prompt(prompt_tokens(tokenizer, ex)) for ex in chosen]
+    settings = CollectSettings(block_size=block_size, max_new_tokens=MAX_NEW_TOKENS, shard_size=16)
     with torchrun_processes("cpu") as processes:
         start = time.perf_counter()
         manifest = collect(model, prompts, os.path.join(args.out, "trajectories"), settings, batch_size=8,
@@ -109,7 +119,7 @@ def _checkpoints(out: str) -> list[tuple[str, str, int, float]]:
 
 
 def _eval_examples(args):
-    return {"math": _math("eval", args.eval_prompts, args.data_dir)}
+    return {"math": load_examples("math", "eval", args.eval_prompts, args.data_dir)}
 
 
 def stage_evaluate(args) -> None:
@@ -286,7 +296,7 @@ def stage_parser(doc: str, out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--out", default=out)
     parser.add_argument("--stage", choices=("all",) + STAGES, default="all")
-    parser.add_argument("--data-dir", help="holds gsm8k/ (default: ../shared/data)")
+    parser.add_argument("--data-dir", help="holds gsm8k/ and spider/ (default: ../shared/data)")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="where the JSON and the PNG go")
     return parser
