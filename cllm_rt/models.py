@@ -29,6 +29,7 @@ in place under an intact header are not caught: hashing 538 MB would cost every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -168,7 +169,15 @@ def _advise_huge_pages(tensor) -> None:
         return
     start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+    _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, looked up once rather than once per parameter."""
+    import ctypes
+
+    return ctypes.CDLL(None).madvise
 
 
 def _torch_dtype(dtype):
