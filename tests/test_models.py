@@ -173,6 +173,19 @@ def test_short_name_converts_once_into_a_plain_model_equal_to_the_gguf_one(tiny,
         assert torch.equal(ours[key], theirs[key]), key
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
 
+
+def test_load_model_weights_share_one_block_but_no_storage(tiny, tmp_path):
+    model, tokenizer = load_model("tiny-test")
+    params = list(model.parameters())
+    starts = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
+    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))  # one run
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # each its own storage
+    model.save_pretrained(tmp_path)  # safetensors refuses tensors that share storage
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, again.get_parameter(name)), name
+
     chat = [{"role": "user", "content": "then the answer is in"}]
     assert tokenizer.chat_template == CHAT_TEMPLATE
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
@@ -218,6 +231,19 @@ def test_load_model_weights_are_the_process_own_not_the_mapped_checkpoint(tiny):
         assert checkpoint not in _mapped_files(param), name
         assert torch.equal(param, mapped.get_parameter(name)), name
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_load_model_weights_share_one_block_but_no_storage(tiny, tmp_path):
+    model, tokenizer = load_model("tiny-test")
+    params = list(model.parameters())
+    starts = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
+    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))  # one run
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # each its own storage
+    model.save_pretrained(tmp_path)  # safetensors refuses tensors that share storage
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, again.get_parameter(name)), name
 
 
 def test_load_model_dtype_and_device(tiny):
