@@ -2,7 +2,7 @@
 on held-out GSM8K test prompts (--domain sql: prompts of Spider's training databases, scored on its held-out
 databases); write the target + head as a model directory that load_model attaches it from.
 
-Labels are the target's own greedy answers (HF greedy, batched), plus the stretches of the dataset's reference
+Labels are the target's own greedy answers (cllm_rt's exact decoding, batched), plus the stretches of the dataset's reference
 answers that the target agrees with. Offline metric: per depth, the share of held-out positions the head
 guesses right, and the mean count of leading right guesses (tokens a head chain adds per step).
 
@@ -19,22 +19,7 @@ import torch
 from cllm_rt import draft_head
 from cllm_rt.demo.data import load_domain, prompt_tokens, reference_tokens
 from cllm_rt.models import load_model
-from cllm_rt.training.draft_head import fit_head, head_accuracy, head_examples
-
-
-def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
-    """The target's greedy answers (HF generate, left-padded batches), cut after EOS."""
-    answers = []
-    eos = tokenizer.eos_token_id
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
-        for row in out[:, width:].tolist():
-            answers.append(row[:row.index(eos) + 1] if eos in row else row)
-    return answers
+from cllm_rt.training.draft_head import fit_head, greedy_answers, head_accuracy, head_examples
 
 
 def features(model, tokenizer, args, start):
@@ -43,7 +28,7 @@ def features(model, tokenizer, args, start):
     data = load_domain(args.domain, os.environ.get("CLLM_RT_DATA"))
     train, held = data.train[:args.train_prompts], data.eval[:args.eval_prompts]
     prompts = [prompt_tokens(tokenizer, e) for e in train + held]
-    answers = greedy_answers(model, tokenizer, prompts, args.max_new_tokens, 32)
+    answers = greedy_answers(model, prompts, args.max_new_tokens, {tokenizer.eos_token_id})
     gen_s = time.perf_counter() - start
     print(f"greedy answers: {len(answers)} in {gen_s:.0f} s", flush=True)
     own = [(p + a, len(p)) for p, a in zip(prompts, answers)]
