@@ -1,7 +1,9 @@
 """What a wider forward costs: one forward of n tokens after ``--context`` cached ones, against n = 1.
 
-SmolLM2-135M-Instruct (``cllm_rt.models``), batch 1. For each thread count and weight dtype, in interleaved
-rounds (the sizes shuffled every round, medians reported):
+SmolLM2-135M-Instruct (``cllm_rt.models``), batch 1. For each thread count, every weight dtype's model loaded
+at once and measured in interleaved rounds (the dtypes, variants and sizes shuffled every round, medians
+reported); ``int8`` is the float32 model with its layer linears quantized (``load_model(..., weights="int8")``,
+``cllm_rt.quantize``), ``int8+head`` its LM head too:
 
 * **HF**: ``model(block, past_key_values=DynamicCache)`` with its full logits, the cache cropped back after
   each call (what HF's assisted generation pays per verify);
@@ -11,12 +13,13 @@ rounds (the sizes shuffled every round, medians reported):
   forward (attention and linears routed by ``runtime/attention.py`` and ``runtime/linears.py``);
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
-  call each), to show where the forward's growth with n comes from;
+  call each; ``ops.linear_int8`` for an int8 model's layers, which have no ``F.linear``), to show where the
+  forward's growth with n comes from;
 * **weight-read limit**: the bytes of every weight the forward reads, divided by the memory bandwidth measured
   in the same run at the same thread count (``torch.sum`` over a buffer larger than the caches): the floor a
   forward of few tokens approaches when reading the weights is all it does.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_forward.py [--threads 1 2] [--dtypes float32 bfloat16]
+    OMP_NUM_THREADS=2 python benchmarks/bench_forward.py [--threads 1 2] [--dtypes float32 bfloat16 int8 int8+head]
         [--sizes 1 2 4 8 16 32 64] [--context 256] [--rounds 9] [--json out.json]
 """
 
@@ -37,6 +40,7 @@ from bench_decoding import machine
 
 from cllm_rt import ops
 from cllm_rt.models import load_model
+from cllm_rt.quantize import Int8Linear
 from cllm_rt.runtime import compact
 from cllm_rt.runtime.attention import jacobi_attention
 from cllm_rt.runtime.cache import JacobiCache
@@ -60,24 +64,24 @@ def bandwidth_gbs(rounds: int = 5) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes a forward reads of the weights: every parameter once (tied embeddings once, as the LM head: the
-    input embedding reads only n rows)."""
+    """Bytes a forward reads of the weights: every parameter and buffer (an int8 model's weights) once (tied
+    embeddings once, as the LM head: the input embedding reads only n rows)."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in (*model.parameters(), *model.buffers()):
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
 
 
-def linear_groups(model) -> list[list[torch.Tensor]]:
-    """Each decoder layer's weights grouped by the input they share, then the LM head."""
+def linear_groups(model) -> list[list[torch.nn.Module]]:
+    """Each decoder layer's linears grouped by the input they share, then the LM head."""
     groups = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        groups += [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [attn.o_proj.weight],
-                   [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.down_proj.weight]]
-    return groups + [[model.get_output_embeddings().weight]]
+        groups += [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                   [mlp.down_proj]]
+    return groups + [[model.get_output_embeddings()]]
 
 
 def variants(model, context: int, dtype: torch.dtype):
@@ -117,45 +121,58 @@ def variants(model, context: int, dtype: torch.dtype):
 
     def torch_linears(n):
         for group in groups:
-            for w in group:
-                F.linear(x(n, w.shape[1]), w)
+            for m in group:
+                F.linear(x(n, m.in_features), m.weight)
 
     def ops_linears(n):
         for group in groups:
-            ops.linear(x(n, group[0].shape[1]), group)
+            if type(group[0]) is Int8Linear:
+                ops.linear_int8(x(n, group[0].in_features), [m.weight for m in group], [m.scale for m in group])
+            else:
+                ops.linear(x(n, group[0].in_features), [m.weight for m in group])
 
-    return {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
-            "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
+    fns = {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
+           "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
+    if any(type(m) is Int8Linear for m in model.modules()):
+        del fns["linears F.linear"]  # torch has no int8 linear
+    return fns
 
 
-def measure(threads: int, dtype_name: str, sizes: list[int], context: int, rounds: int) -> dict:
+def measure(threads: int, dtype_names: list[str], sizes: list[int], context: int, rounds: int) -> list[dict]:
+    """One result per dtype name, all measured in the same shuffled rounds."""
     torch.set_num_threads(threads)
-    dtype = getattr(torch, dtype_name)
-    model, _ = load_model(NAME, dtype=dtype)
-    model.eval()
-    weights = weight_bytes(model)
-    limit_ms = weights / (bandwidth_gbs() * 1e9) * 1e3
+    bandwidth = bandwidth_gbs()
+    dtypes = {name: torch.float32 if name.startswith("int8") else getattr(torch, name) for name in dtype_names}
+    models = {name: load_model(NAME, dtype=dtypes[name], weights=name if name.startswith("int8") else None)[0]
+              for name in dtype_names}
     with torch.inference_mode():
-        fns = variants(model, context, dtype)
-        times = {(name, n): [] for name in fns for n in sizes}
+        fns = {(d, name): fn for d in dtype_names for name, fn in variants(models[d], context, dtypes[d]).items()}
+        times = {(d, name, n): [] for d, name in fns for n in sizes}
         rng = random.Random(0)
-        for name in fns:  # warm-up: every shape once
-            for n in sizes:
-                fns[name](n)
+        for d, name, n in times:  # warm-up: every shape once
+            fns[d, name](n)
         for _ in range(rounds):
             cases = list(times)
             rng.shuffle(cases)
-            for name, n in cases:
+            for d, name, n in cases:
                 start = time.perf_counter()
-                own = fns[name](n)
-                times[name, n].append((own if own is not None else time.perf_counter() - start) * 1e3)
-    medians = {f"{name}|{n}": statistics.median(t) for (name, n), t in times.items()}
-    return dict(threads=threads, dtype=dtype_name, weight_mb=weights / 2**20,
-                weight_read_limit_ms=limit_ms, median_ms=medians,
-                small_row_plan=ops.small_row_plan(dtype)._asdict() if ops.native_available() else None)
+                own = fns[d, name](n)
+                times[d, name, n].append((own if own is not None else time.perf_counter() - start) * 1e3)
+    results = []
+    for d in dtype_names:
+        weights = weight_bytes(models[d])
+        # int8 weights take float32's tile choice (csrc/cpu/linear.cpp)
+        plan = ops.small_row_plan(dtypes[d])._asdict() if ops.native_available() else None
+        results.append(dict(threads=threads, dtype=d, weight_mb=weights / 2**20,
+                            weight_read_limit_ms=weights / (bandwidth * 1e9) * 1e3,
+                            median_ms={f"{name}|{n}": statistics.median(t)
+                                       for (dd, name, n), t in times.items() if dd == d},
+                            small_row_plan=plan))
+    return results
 
 
 def table(result: dict, names: list[str], sizes: list[int]) -> str:
+    names = [name for name in names if f"{name}|1" in result["median_ms"]]  # an int8 model has no F.linear
     lines = [f"\n{result['dtype']}, {result['threads']} thread(s): weight-read limit "
              f"{result['weight_read_limit_ms']:.1f} ms ({result['weight_mb']:.0f} MiB of weights)",
              "| n | " + " | ".join(f"{name} ms (x n=1)" for name in names) + " |",
@@ -178,7 +195,9 @@ def table(result: dict, names: list[str], sizes: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "int8", "int8+head"],
+                        help="int8: float32 with int8 layer weights; int8+head: and an int8 LM head")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--context", type=int, default=256, help="cached tokens before the block")
     parser.add_argument("--rounds", type=int, default=9)
@@ -189,9 +208,9 @@ def main() -> None:
     info = machine()
     results = []
     for threads in args.threads:
-        for dtype in args.dtypes:
-            results.append(measure(threads, dtype, args.sizes, args.context, args.rounds))
-            print(table(results[-1], ["HF", "cllm_rt", "cllm_rt HF modules", "linears F.linear", "linears ops.linear"],
+        for result in measure(threads, args.dtypes, args.sizes, args.context, args.rounds):
+            results.append(result)
+            print(table(result, ["HF", "cllm_rt", "cllm_rt HF modules", "linears F.linear", "linears ops.linear"],
                         args.sizes),
                   flush=True)
     info["load_average_after"] = os.getloadavg()

@@ -104,7 +104,7 @@ def resolve_model(spec: str | os.PathLike) -> pathlib.Path:
     raise ValueError(f"{text} is neither a model directory nor a known model name (known: {known})")
 
 
-def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
+def load_model(spec: str | os.PathLike, *, dtype="auto", device=None, weights=None):
     """``(model, tokenizer)`` for ``spec`` (see ``resolve_model``), loaded offline (``local_files_only=True``).
 
     ``dtype``: ``"auto"`` (the dtype in config.json: float32 for converted GGUFs), a name such as
@@ -112,6 +112,9 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
     the CPU, else anything ``torch.device`` accepts; CUDA on a torch without it is a one-line ``ValueError``,
     checked before anything is loaded. The model is in eval mode. The tokenizer comes from the same directory
     with its saved settings: set ``tokenizer.padding_side = "left"`` before padding a batch for generation.
+    ``weights="int8"`` quantizes the layer linears to int8 weights with per-row scales
+    (:func:`cllm_rt.quantize.quantize_int8`; a float32 or float64 ``dtype``), ``"int8+head"`` the LM head too:
+    another, smaller model, decoded exactly as such; ``None`` keeps the weights as loaded.
     A draft head saved in the directory (:mod:`cllm_rt.draft_head`) is attached, so decoding uses it; one
     trained for other weights is a one-line ``ValueError``.
     """
@@ -119,6 +122,8 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
 
     torch_dtype = _torch_dtype(dtype)
     torch_device = _torch_device(device)
+    if weights not in (None, "int8", "int8+head"):
+        raise ValueError(f"weights must be None (as stored), 'int8' or 'int8+head', not {weights!r}")
     path = resolve_model(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,6 +131,10 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if torch_device is not None:
         model.to(torch_device)
+    if weights is not None:
+        from .quantize import quantize_int8
+
+        quantize_int8(model, lm_head=weights == "int8+head")  # before the copy below: what it drops is not copied
     _own_weights(model)
     from . import draft_head
 
@@ -152,7 +161,9 @@ def _own_weights(model) -> None:
 
     import torch
 
-    params = [p for p in model.parameters() if p.device.type == "cpu" and p.numel() > 0]  # tied: listed once
+    # tied: listed once; and the int8 weights of a quantized model, which are buffers (cllm_rt.quantize)
+    int8 = [b for b in model.buffers() if b.dtype == torch.int8]
+    params = [p for p in (*model.parameters(), *int8) if p.device.type == "cpu" and p.numel() > 0]
     if not params:
         return
     align, huge = 64, 2 << 20

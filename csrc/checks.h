@@ -199,6 +199,37 @@ inline void check_linear(const at::Tensor& input, at::TensorList weights,
   }
 }
 
+// linear_int8: input float32/float64 [..., K]; weights int8 [N_i, K]; scales [N_i] and biases (None or
+// [N_i]) of input's dtype; all on input's device.
+inline void check_linear_int8(const at::Tensor& input, at::TensorList weights, at::TensorList scales,
+                              const c10::List<std::optional<at::Tensor>>& biases) {
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "linear_int8: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() >= 1, "linear_int8: input must have at least 1 dimension");
+  TORCH_CHECK_VALUE(!weights.empty(), "linear_int8: weights must hold at least one weight");
+  TORCH_CHECK_VALUE(scales.size() == weights.size() && biases.size() == weights.size(),
+                    "linear_int8: scales and biases must hold one entry per weight, got ", scales.size(),
+                    " and ", biases.size(), " for ", weights.size(), " weights");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, "linear_int8: weights[", i, "] must be int8, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == input.size(-1), "linear_int8: weights[", i,
+                      "] must be [N, K = ", input.size(-1), "], got ", w.sizes());
+    check_same_device("linear_int8", "weights", w, input);
+    std::optional<at::Tensor> bias = biases.get(i);
+    for (const auto& [name, x] : {std::pair{"scales", std::optional<at::Tensor>(scales[i])},
+                                  std::pair{"biases", bias}}) {
+      if (!x.has_value()) continue;
+      TORCH_CHECK_TYPE(x->scalar_type() == input.scalar_type(), "linear_int8: ", name, "[", i,
+                       "] must have input's dtype ", input.scalar_type(), ", got ", x->scalar_type());
+      TORCH_CHECK_VALUE(x->dim() == 1 && x->size(0) == w.size(0), "linear_int8: ", name, "[", i,
+                        "] must be [N = ", w.size(0), "], got ", x->sizes());
+      check_same_device("linear_int8", name, *x, input);
+    }
+  }
+}
+
 // Value checks, on every device. They need the values on the host; on a GPU that is a
 // sync, so they are memoized per tensor (csrc/checks.cpp says when that is sound).
 

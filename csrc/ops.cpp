@@ -32,6 +32,9 @@ TORCH_LIBRARY(cllm_rt, m) {
   // [input @ weights[i].T + biases[i]]: the linear layers of one input [..., K], each weight
   // [N_i, K] read once for all rows; a row's values do not depend on the other rows.
   m.def("linear(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
+  // linear with int8 weights [N_i, K] and per-row scales [N_i] (float32/float64 input, scales and
+  // biases): [(input @ weights[i].T) * scales[i] + biases[i]], the same row invariance.
+  m.def("linear_int8(Tensor input, Tensor[] weights, Tensor[] scales, Tensor?[] biases) -> Tensor[]");
   m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
   // Sampled tokens argmax(logits / T + Gumbel noise) [B, n] (gumbel_noise.h), seeds [B],
   // positions [B, n] of the predicted tokens, temperature [B] float64 (0: argmax).

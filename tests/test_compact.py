@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import cllm_rt
+from cllm_rt.quantize import Int8Linear, quantize_int8
 from cllm_rt.runtime import compact
 from cllm_rt.runtime.attention import jacobi_attention
 from cllm_rt.runtime.cache import JacobiCache
@@ -114,5 +115,25 @@ def test_a_layer_that_is_not_the_stock_module_keeps_the_hf_forward():
     scaled.weight = old.weight
     model.model.layers[0].mlp.up_proj = scaled  # then swapped: the next call must notice
     assert not compact.applies(model)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+def test_an_int8_model_takes_the_compact_forward_with_the_hf_forward_s_bits(arch, dtype):
+    # the compact forward calls ops.linear_int8 once per group (q/k/v, gate/up), the HF modules once per linear:
+    # each weight's outputs do not depend on the others in the call, nor on the rows
+    model = quantize_int8(tiny_model(arch, dtype=dtype))
+    assert compact.applies(model)
+    for ours, theirs in zip(_forwards(model, True), _forwards(model, False)):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_block_mixing_int8_and_float_linears_keeps_the_hf_forward():
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj = Int8Linear.from_linear(model.model.layers[1].mlp.up_proj)
+    assert not compact.applies(model)
+    ids, mask = random_prompts(1, [5])
     want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
     assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)

@@ -14,6 +14,7 @@ FORBIDDEN = {
     "ops": {"runtime", "training", "demo", "cli", "models", "hf", "hf_generate", "serve"},
     "runtime": {"training", "demo", "cli", "hf", "hf_generate", "serve"},
     "models": {"runtime", "training", "demo", "cli", "hf", "hf_generate", "serve"},
+    "quantize": {"runtime", "training", "demo", "cli", "models", "hf", "hf_generate", "serve", "draft_head"},
     "draft_head": {"ops", "runtime", "models", "training", "demo", "cli", "hf", "hf_generate", "serve"},
     "training": {"demo", "cli", "hf", "hf_generate", "serve"},
     "demo": {"cli", "hf", "hf_generate", "serve"},

@@ -246,6 +246,23 @@ def test_load_model_weights_share_one_block_but_no_storage(tiny, tmp_path):
         assert torch.equal(param, again.get_parameter(name)), name
 
 
+@pytest.mark.parametrize("weights", ["int8", "int8+head"])
+def test_load_model_int8_quantizes_and_streams_the_int8_weights_from_the_block(tiny, weights):
+    from cllm_rt.quantize import Int8Linear, quantize_int8
+
+    model, _ = load_model("tiny-test", weights=weights)
+    plain, _ = load_model("tiny-test")
+    int8 = [m for m in model.modules() if type(m) is Int8Linear]
+    assert len(int8) == 7 * model.config.num_hidden_layers + (weights == "int8+head")
+    assert (type(model.get_output_embeddings()) is Int8Linear) == (weights == "int8+head")
+    # the int8 weights follow the parameters in the one block (models._own_weights)
+    tensors = [*model.parameters(), *(m.weight for m in int8)]
+    starts = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))
+    ids = torch.tensor([[1, 5, 9, 3]])  # the same model as quantize_int8 makes of the float one
+    assert torch.equal(_greedy(model, ids), _greedy(quantize_int8(plain, lm_head=weights == "int8+head"), ids))
+
+
 def test_load_model_dtype_and_device(tiny):
     model, _ = load_model("tiny-test", dtype="float64", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float64}

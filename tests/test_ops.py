@@ -784,3 +784,70 @@ def test_linear_rejects_bad_input():
         ops.linear(x, [torch.randn(3, 8)], [None, None])
     with pytest.raises(ValueError, match=r"biases\[0\] must have shape"):
         ops.linear(x, [torch.randn(3, 8)], [torch.randn(4)])
+
+
+# ---------------------------------------------------------------- linear_int8
+
+def _int8_operands(in_shape, outs, dtype, device, seed):
+    """x, int8 weights over the whole range, positive scales of a few magnitudes, biases on every other weight."""
+    g = torch.Generator().manual_seed(seed)
+    K = in_shape[-1]
+    x = torch.randn(in_shape, generator=g).to(dtype).to(device)
+    weights = [torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(device) for N in outs]
+    scales = [(torch.rand(N, generator=g) * 0.02 + 1e-3).to(dtype).to(device) for N in outs]
+    biases = [torch.randn(N, generator=g).to(dtype).to(device) if i % 2 == 0 else None for i, N in enumerate(outs)]
+    return x, weights, scales, biases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_shape, outs", LINEAR_SHAPES + [((37, 576), (50, 3))])
+def test_linear_int8_matches_the_dequantized_product_and_is_row_invariant(device, dtype, in_shape, outs):
+    x, weights, scales, biases = _int8_operands(in_shape, outs, dtype, device, len(in_shape) * 100 + in_shape[-1])
+    got = ops.linear_int8(x, weights, scales, biases)
+    want = ops.linear_int8_reference(x, weights, scales, biases)  # float64 products of the int8 values
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4}[dtype]
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == dtype
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol)
+    # Exact for the quantized model: a row's bits are the same whatever the rows beside it (1, 2, all), so a
+    # token tree's forward gives the tokens of one-token steps through the same kernel.
+    rows = x.reshape(-1, x.shape[-1])
+    for width in (1, 2):
+        parts = [ops.linear_int8(rows[i:i + width], weights, scales, biases) for i in range(0, rows.shape[0], width)]
+        for a, col in zip(got, zip(*parts)):
+            assert torch.equal(a.reshape(-1, a.shape[-1]), torch.cat(col))
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+def test_linear_int8_opcheck():
+    x, weights, scales, biases = _int8_operands((3, 5, 20), (7, 4), torch.float64, "cpu", 0)
+    torch.library.opcheck(torch.ops.cllm_rt.linear_int8.default, (x, weights, scales, biases))
+
+
+def test_linear_int8_rejects_bad_input():
+    x, w, s = torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(TypeError, match="input must be a float32 or float64 tensor"):
+        ops.linear_int8(x.bfloat16(), [w], [s.bfloat16()])
+    with pytest.raises(TypeError, match=r"weights\[0\] must have dtype in \(int8\)"):
+        ops.linear_int8(x, [w.float()], [s])
+    with pytest.raises(ValueError, match=r"weights\[0\] must have shape"):
+        ops.linear_int8(x, [torch.zeros(3, 9, dtype=torch.int8)], [s])
+    with pytest.raises(TypeError, match=r"scales\[0\] must have dtype in \(float32\)"):
+        ops.linear_int8(x, [w], [s.double()])
+    with pytest.raises(ValueError, match=r"scales\[0\] must have shape \[N=3\]"):
+        ops.linear_int8(x, [w], [torch.ones(4)])
+    with pytest.raises(ValueError, match=r"biases\[0\] must have shape"):
+        ops.linear_int8(x, [w], [s], [torch.randn(4)])
+    with pytest.raises(ValueError, match="one scale and one bias entry"):
+        ops.linear_int8(x, [w], [s, s])
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
+def test_linear_int8_kernel_checks_match_the_python_ones():
+    x, w, s = torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(TypeError, match="linear_int8: input must be float32 or float64"):
+        torch.ops.cllm_rt.linear_int8(x.half(), [w], [s.half()], [None])
+    with pytest.raises(TypeError, match=r"linear_int8: weights\[0\] must be int8"):
+        torch.ops.cllm_rt.linear_int8(x, [w.float()], [s], [None])
+    with pytest.raises(ValueError, match=r"linear_int8: scales\[0\] must be \[N = 3\]"):
+        torch.ops.cllm_rt.linear_int8(x, [w], [torch.ones(2)], [None])

@@ -11,9 +11,13 @@ rows), torch's linear otherwise; attention runs
 over the :class:`~cllm_rt.runtime.cache.JacobiCache` pages as ``runtime/attention.py`` routes it for the HF
 forward.
 
+A model quantized by :func:`cllm_rt.quantize.quantize_int8` runs here too: its layer linears are
+:class:`~cllm_rt.quantize.Int8Linear`, and q/k/v and gate/up are each one ``ops.linear_int8`` call.
+
 Other architectures (phi3's fused projections, gemma's scaled embeddings and norms) take the HF forward; so do a
-model whose layers are not the stock modules (a linear that is not a plain ``nn.Linear``, e.g. a quantized or
-adapter-wrapped one, computes something else than its ``weight``; a norm that is not the family's RMSNorm), a
+model whose layers are not the stock modules (a linear that is neither a plain ``nn.Linear`` nor an
+``Int8Linear``, e.g. another quantization or an adapter-wrapped one, computes something else than its ``weight``;
+a block whose linears mix the two; a norm that is not the family's RMSNorm), a
 model with forward hooks on the modules
 this forward does not call (a hook must see what it hooked), a model in training mode, and every model while
 :func:`use_compact_forward` is off (to compare the two).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..quantize import LAYER_LINEARS, Int8Linear
 from .attention import cache_attention
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -45,9 +50,6 @@ def applies(model) -> bool:
     return _stock_and_unhooked(model.base_model)
 
 
-_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-
-
 def _unhooked(module: torch.nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks)
 
@@ -63,7 +65,8 @@ def _stock_norm(module, family: str) -> bool:
 
 def _stock_and_unhooked(base) -> bool:
     """Whether every module :func:`forward` skips (the base model, the norms, each layer, its attention and MLP
-    and their linears) is the stock one (each linear a plain ``nn.Linear``, each norm the family's RMSNorm)
+    and their linears) is the stock one (each block's linears all plain ``nn.Linear`` or all ``Int8Linear``,
+    each norm the family's RMSNorm)
     without a forward hook, and no global hook is set. Reads ``_modules`` directly: attribute access through ``nn.Module.__getattr__`` made this check ~0.4 ms
     a step for SmolLM2's 30 layers."""
     module_hooks = torch.nn.modules.module
@@ -76,13 +79,17 @@ def _stock_and_unhooked(base) -> bool:
     for layer in modules["layers"]._modules.values():
         if not _unhooked(layer) or not all(_stock_norm(layer._modules.get(name), family) for name in _NORMS):
             return False
-        for name, linears in _LINEARS.items():
+        for name, linears in LAYER_LINEARS.items():
             block = layer._modules.get(name)
             if block is None or not _unhooked(block):
                 return False
+            kinds = set()
             for linear in map(block._modules.get, linears):
-                if type(linear) is not torch.nn.Linear or not _unhooked(linear):
+                kinds.add(type(linear))
+                if kinds - {torch.nn.Linear, Int8Linear} or not _unhooked(linear):
                     return False
+            if len(kinds) > 1:  # _project calls one kernel per group
+                return False
     return True
 
 
@@ -108,7 +115,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 
 def _project(x: torch.Tensor, linears) -> list[torch.Tensor]:
-    """Each ``nn.Linear`` of ``linears`` applied to ``x`` (one ops.linear call where it pays)."""
+    """Each linear of ``linears`` (all ``nn.Linear`` or all ``Int8Linear``) applied to ``x``: one ops.linear call
+    where it pays, one ops.linear_int8 call for int8 weights (whatever the row count: torch has no int8 linear)."""
+    if type(linears[0]) is Int8Linear:
+        return ops.linear_int8_unchecked(x, [m.weight for m in linears], [m.scale for m in linears],
+                                         [m.bias for m in linears])
     return ops.routed_linear(x, [m.weight for m in linears], [m.bias for m in linears])
 
 

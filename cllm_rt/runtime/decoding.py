@@ -31,6 +31,7 @@ import torch
 
 from .. import ops
 from ..draft_head import attached
+from ..quantize import Int8Linear
 from .attention import jacobi_attention
 from .cache import JacobiCache
 from .cost import StepCost, choose_budget
@@ -159,6 +160,9 @@ class Decoder:
         self.sources = _check_drafts(drafts)
         self.plain = drafts is None
         self.head = None if self.plain or "head" not in self.sources else attached(model)
+        if self.head is not None and type(model.get_output_embeddings()) is Int8Linear:
+            raise ValueError("a draft head reads the float LM head, and this model's is int8 "
+                             "(cllm_rt.quantize.quantize_int8(..., lm_head=True)): quantize the layers only")
         if self.head is None and "head" in self.sources:
             if drafts != "auto":
                 raise ValueError("drafts names 'head' but the model has no draft head attached "

@@ -8,6 +8,8 @@ import warnings
 
 import torch
 
+from ..quantize import Int8Linear
+
 # Architectures whose attention goes through transformers' AttentionInterface with standard causal
 # semantics (no logit soft-capping, no learned absolute positions), checked against model.generate in tests.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
@@ -33,8 +35,9 @@ def check_model(model: torch.nn.Module) -> None:
             f"cllm_rt cannot decode rope_type={rope!r} exactly: its frequencies depend on the largest position in "
             "a forward, which draft nodes (and other rows of a batch) reach before the committed tokens do")
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise NotImplementedError(f"the model's output head must be a plain nn.Linear, got {type(head).__name__}")
+    if not isinstance(head, (torch.nn.Linear, Int8Linear)):
+        raise NotImplementedError(f"the model's output head must be a plain nn.Linear or an Int8Linear "
+                                  f"(cllm_rt.quantize), got {type(head).__name__}")
 
 
 # RoPE variants that recompute their frequencies from max(position_ids) + 1 of each forward (transformers'

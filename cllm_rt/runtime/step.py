@@ -14,6 +14,7 @@ import random
 import torch
 
 from .. import ops
+from ..quantize import Int8Linear
 from . import compact
 from .attention import CACHE_LENGTHS_KWARG, PAGE_TABLE_KWARG, TREE_PARENTS_KWARG
 from .cache import JacobiCache
@@ -64,6 +65,8 @@ def greedy_verify(model, hidden: torch.Tensor, block: torch.Tensor, sampling: op
     with ``sampling``, the seeded sampled tokens instead (``positions`` [B, n]: the position each node predicts),
     verified by the same rule (:func:`cllm_rt.ops.sample_verify`)."""
     head = model.get_output_embeddings()
+    if type(head) is Int8Linear:  # int8 logits (cllm_rt.quantize), then the same rule
+        return ops.logits_verify(head(hidden), block, sampling, positions)
     if sampling is None:
         return ops.greedy_verify(hidden, head.weight, head.bias, block)
     return ops.sample_verify(hidden, head.weight, head.bias, block, sampling, positions)

@@ -1,5 +1,6 @@
 // linear on CPU: outputs[i] = input @ weights[i].T (+ biases[i]) for a few rows (tokens x batch)
-// and several weights, each weight streamed from memory once for all rows.
+// and several weights, each weight streamed from memory once for all rows; and linear_int8, the
+// same with int8 weights and a scale per weight row.
 //
 // torch's small-row GEMM re-reads the weights per row (SmolLM2's LM head: 10.6 ms at 1 row,
 // 20 ms at 2); here threads take blocks of weight rows, a tile of them stays in L1 while every
@@ -11,6 +12,13 @@
 // (the tile shapes differ only in how many accumulators they hold). So a row's result does
 // not depend on the other rows of the call: a token tree's forward gives bit for bit the
 // tokens of a one-token forward, even in float32.
+//
+// int8 weights (linear_int8): (sum_k x[m][k] * q[n][k]) * scale[n] (+ bias[n]). The same kernel,
+// its weight vectors converted to the input's float type in registers as they load (exactly: every
+// int8 is a float), once per pass of up to kMR rows; so a row's bits still do not depend on the row
+// count, and the weight stream is a quarter of float32's. Converting tiles into a buffer first, as
+// bf16 on AVX2 does, measured 7.8 vs 4.8 ms for SmolLM2's layers at 1 row and 15.7 vs 7.0 at 4
+// (Zen 5, 1 thread; float32 weights: 14.3 and 16.0).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -100,6 +108,29 @@ inline V<acc_t> load_partial(const acc_t* p, int64_t count) {
 #endif
 }
 
+// kLanes<acc_t> int8 values from p as acc_t lanes (exact). By intrinsics where there are some: GCC
+// lowered __builtin_convertvector from int8 lanes to one scalar conversion per lane (4x slower).
+template <typename acc_t>
+inline V<acc_t> load_int8(const int8_t* p) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(acc_t) == 4) {
+    return (V<acc_t>)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  } else {
+    return (V<acc_t>)_mm512_cvtepi32_pd(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
+#elif defined(__AVX2__)
+  if constexpr (sizeof(acc_t) == 4) {
+    return (V<acc_t>)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  } else {
+    return (V<acc_t>)_mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(simd::load<int32_t>(p))));
+  }
+#else
+  constexpr int kCount = kLanes<acc_t>;
+  const auto ints = __builtin_convertvector(simd::load<simd::Vec<int8_t, kCount>>(p), simd::Vec<int32_t, kCount * 4>);
+  return __builtin_convertvector(ints, V<acc_t>);
+#endif
+}
+
 // Lanes [kFirst, kFirst + sizeof...(kLane)) of v, as a register shuffle.
 template <size_t kFirst, typename Vec, size_t... kLane>
 inline auto lanes(Vec v, std::index_sequence<kLane...>) {
@@ -136,31 +167,50 @@ struct Prefetch {
   }
 };
 
-// out[m][n] = sum_k x[m][k] * w[n][k] for kM input rows and kN weight rows; x and w are acc_t
-// rows of strides ldx / ldw. Out of line: inlined into the block loop, GCC spilled
-// accumulators beside the prefetch bookkeeping (measured 2x slower at 16 rows).
-template <typename acc_t, int kM, int kN>
-__attribute__((noinline)) void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w,
-                                         int64_t ldw, Prefetch prefetch,
+// out[m][n] = sum_k x[m][k] * w[n][k] for kM input rows and kN weight rows; x are acc_t rows, w
+// acc_t or int8 rows (converted in registers as they load: exact), of strides ldx / ldw. An int8
+// row's tail (K % L elements) comes converted and zero-padded in w_tail[n * L ..]: a partial
+// int8 load would go through memory and, as in load_partial, keep the accumulators there. Out of
+// line: inlined into the block loop, GCC spilled accumulators beside the prefetch bookkeeping
+// (measured 2x slower at 16 rows).
+template <typename acc_t, typename w_t, int kM, int kN>
+__attribute__((noinline)) void micro_dot(int64_t K, const acc_t* x, int64_t ldx, const w_t* w,
+                                         int64_t ldw, const acc_t* w_tail, Prefetch prefetch,
                                          acc_t (*out)[kMaxNR]) {
   constexpr int64_t L = kLanes<acc_t>;
   V<acc_t> acc[kM][kN];
   for (int m = 0; m < kM; ++m)
     for (int n = 0; n < kN; ++n) acc[m][n] = V<acc_t>{};
-  const auto step = [&](int64_t k, auto load) {
+  const auto step = [&](int64_t k, auto load_x, auto load_w) {
     if (prefetch.next) prefetch.lines(k / L, kN * sizeof(V<acc_t>) / 64);
     V<acc_t> wv[kN];
-    for (int n = 0; n < kN; ++n) wv[n] = load(w + n * ldw);
+    for (int n = 0; n < kN; ++n) wv[n] = load_w(n);
     for (int m = 0; m < kM; ++m) {
-      const V<acc_t> xv = load(x + m * ldx);
+      const V<acc_t> xv = load_x(x + m * ldx);
       for (int n = 0; n < kN; ++n) acc[m][n] += xv * wv[n];
     }
   };
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    step(k, [k](const acc_t* p) { return simd::load<V<acc_t>>(p + k); });
+    const auto load = [k](const acc_t* p) { return simd::load<V<acc_t>>(p + k); };
+    step(k, load, [&](int n) {
+      if constexpr (std::is_same_v<w_t, acc_t>) {
+        return load(w + n * ldw);
+      } else {
+        return load_int8<acc_t>(w + n * ldw + k);
+      }
+    });
   }
-  if (k < K) step(k, [k, K](const acc_t* p) { return load_partial(p + k, K - k); });
+  if (k < K) {
+    const auto load = [k, K](const acc_t* p) { return load_partial(p + k, K - k); };
+    step(k, load, [&](int n) {
+      if constexpr (std::is_same_v<w_t, acc_t>) {
+        return load(w + n * ldw);
+      } else {
+        return simd::load<V<acc_t>>(w_tail + n * L);
+      }
+    });
+  }
   for (int m = 0; m < kM; ++m)
     for (int n = 0; n < kN; ++n) out[m][n] = reduce_lanes(acc[m][n]);
 }
@@ -175,13 +225,13 @@ inline void dispatch_tile(int64_t rows, int64_t cols, Args... args) {
   }
 }
 
-// The micro-kernel on operands widened to acc_t (what every dtype can do).
-template <typename acc_t>
+// The micro-kernel on operands widened to acc_t (what every dtype can do), or on int8 weights.
+template <typename acc_t, typename w_t = acc_t>
 struct WidenedDot {
   template <int kM, int kN>
-  static void run(int64_t K, const acc_t* x, int64_t ldx, const acc_t* w, int64_t ldw,
-                  Prefetch prefetch, acc_t (*out)[kMaxNR]) {
-    micro_dot<acc_t, kM, kN>(K, x, ldx, w, ldw, prefetch, out);
+  static void run(int64_t K, const acc_t* x, int64_t ldx, const w_t* w, int64_t ldw,
+                  const acc_t* w_tail, Prefetch prefetch, acc_t (*out)[kMaxNR]) {
+    micro_dot<acc_t, w_t, kM, kN>(K, x, ldx, w, ldw, w_tail, prefetch, out);
   }
 };
 
@@ -219,39 +269,48 @@ constexpr bool kBf16PairDot = true;
 constexpr bool kBf16PairDot = false;
 #endif
 
-// One weight (and its bias or nullptr) and its output [R, N].
-template <typename scalar_t>
+// One weight (with its per-row scales for int8 weights, its bias; nullptr: none) and its output [R, N].
+template <typename scalar_t, typename weight_t = scalar_t>
 struct Projection {
-  const scalar_t* weight;
+  const weight_t* weight;
+  const scalar_t* scale;
   const scalar_t* bias;
   scalar_t* out;
   int64_t N;
 };
 
 // One tile: rows x cols outputs of the tile shape kM x kN at most.
-template <int kM, int kN, typename scalar_t, typename acc_t>
+template <int kM, int kN, typename scalar_t, typename weight_t, typename acc_t>
 inline void tile(bool pair_dot, int64_t rows, int64_t cols, int64_t K, const scalar_t* input,
-                 const acc_t* x, const scalar_t* w_src, const acc_t* w, Prefetch prefetch,
-                 acc_t (*out)[kMaxNR]) {
+                 const acc_t* x, const weight_t* w_src, const acc_t* w, const acc_t* w_tail,
+                 Prefetch prefetch, acc_t (*out)[kMaxNR]) {
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (pair_dot) return dispatch_tile<Bf16PairDot, kM, kN>(rows, cols, K, input, K, w_src, K, prefetch, out);
   }
 #endif
-  dispatch_tile<WidenedDot<acc_t>, kM, kN>(rows, cols, K, x, K, w, K, prefetch, out);
+  if constexpr (std::is_same_v<weight_t, int8_t>) {
+    dispatch_tile<WidenedDot<acc_t, int8_t>, kM, kN>(rows, cols, K, x, K, w_src, K, w_tail, prefetch, out);
+  } else {
+    dispatch_tile<WidenedDot<acc_t>, kM, kN>(rows, cols, K, x, K, w, K, w_tail, prefetch, out);
+  }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
-                   const std::vector<Projection<scalar_t>>& projections) {
+                   const std::vector<Projection<scalar_t, weight_t>>& projections) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool kPairDot = kBf16PairDot && std::is_same_v<scalar_t, c10::BFloat16>;  // reads bf16 as is
   constexpr bool kWidenTiles = kWiden && !kPairDot;  // weights widened tile by tile into a buffer
+  constexpr bool kInt8 = std::is_same_v<weight_t, int8_t>;  // converted in micro_dot instead
+  static_assert(!kInt8 || !kWiden, "int8 weights take float32 or float64 inputs");
+  constexpr int64_t L = kLanes<acc_t>;
   // The input rows widened once (they are read once per weight block).
   std::vector<acc_t> xbuf(kWidenTiles ? R * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
   const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
+  // int8 weights take their input dtype's tile choice (it only moves the speed, never a bit)
   const bool few = R <= std::min<int64_t>(kFewMR, tall_tile_rows[dtype_index<scalar_t>()]);
   const int64_t tile_rows = few ? kFewMR : kMR, tile_cols = few ? kFewNR : kNR;
 
@@ -262,41 +321,50 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
   }
   at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> wbuf(kWidenTiles ? kMaxNR * K : 0);
+    alignas(64) acc_t w_tail[kMaxNR * L];  // an int8 tile's row tails, converted (micro_dot)
     acc_t out[kMaxMR][kMaxNR];
     for (int64_t block = begin; block < end; ++block) {
       const size_t p = std::upper_bound(first_block.begin(), first_block.end(), block) -
                        first_block.begin() - 1;
-      const Projection<scalar_t>& proj = projections[p];
+      const Projection<scalar_t, weight_t>& proj = projections[p];
       const int64_t n_end = std::min(proj.N, (block - first_block[p] + 1) * kBlockRows);
       for (int64_t n0 = (block - first_block[p]) * kBlockRows; n0 < n_end; n0 += tile_cols) {
         const int64_t cols = std::min(tile_cols, n_end - n0);
-        const scalar_t* w_src = proj.weight + n0 * K;
+        const weight_t* w_src = proj.weight + n0 * K;
         if constexpr (kWidenTiles) {
           for (int64_t i = 0; i < cols * K; ++i) wbuf[i] = w_src[i];
         }
-        const acc_t* w = kWiden ? wbuf.data() : reinterpret_cast<const acc_t*>(w_src);
+        const acc_t* w = kWiden ? wbuf.data() : reinterpret_cast<const acc_t*>(w_src);  // int8: unused
+        if constexpr (kInt8) {
+          const int64_t tail = K % L;
+          for (int64_t n = 0; tail > 0 && n < cols; ++n)
+            for (int64_t i = 0; i < L; ++i) w_tail[n * L + i] = i < tail ? w_src[n * K + K - tail + i] : 0;
+        }
         // The tile after this one in memory (the next block's first at a block's end, which
         // this thread most likely takes next), during the first pass over the rows. Not for
         // few rows, whose tiles are quick to compute: there the prefetches only cost (measured
         // 47 vs 50 ms for SmolLM2's layers at 1 row, against 71 vs 57 ms without at 8 rows).
-        const int64_t ahead = few ? 0 : std::min(tile_cols, proj.N - n0 - cols) * K;
+        // int8 tiles prefetch at every row count: without the next tile in flight, tall tiles
+        // waited on memory (SmolLM2's layers at 1 row, Zen 5, 1 thread: 7.4 vs 4.9 ms).
+        const int64_t ahead = few && !kInt8 ? 0 : std::min(tile_cols, proj.N - n0 - cols) * K;
         for (int64_t r0 = 0; r0 < R; r0 += tile_rows) {
           const int64_t rows = std::min(tile_rows, R - r0);
           const Prefetch prefetch{!kWidenTiles && r0 == 0 && ahead > 0
                                       ? reinterpret_cast<const char*>(w_src + cols * K) : nullptr,
-                                  ahead * static_cast<int64_t>(sizeof(scalar_t))};
+                                  ahead * static_cast<int64_t>(sizeof(weight_t))};
           if (few) {
             tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
-                                 prefetch, out);
+                                 w_tail, prefetch, out);
           } else {
             tile<kMR, kNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
-                           prefetch, out);
+                           w_tail, prefetch, out);
           }
           for (int64_t m = 0; m < rows; ++m) {
             for (int64_t n = 0; n < cols; ++n) {
               const acc_t b = proj.bias ? static_cast<acc_t>(proj.bias[n0 + n]) : acc_t(0);
-              proj.out[(r0 + m) * proj.N + n0 + n] =
-                  static_cast<scalar_t>(proj.bias ? out[m][n] + b : out[m][n]);
+              acc_t dot = out[m][n];
+              if constexpr (kInt8) dot *= proj.scale[n0 + n];
+              proj.out[(r0 + m) * proj.N + n0 + n] = static_cast<scalar_t>(proj.bias ? dot + b : dot);
             }
           }
         }
@@ -335,15 +403,47 @@ std::vector<at::Tensor> linear_cpu(const at::Tensor& input, at::TensorList weigh
     std::vector<Projection<scalar_t>> projections;
     for (size_t i = 0; i < weights.size(); ++i) {
       const at::Tensor& bias = keep[2 * i + 1];
-      projections.push_back({keep[2 * i].const_data_ptr<scalar_t>(),
+      projections.push_back({keep[2 * i].const_data_ptr<scalar_t>(), nullptr,
                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                              outputs[i].data_ptr<scalar_t>(), weights[i].size(0)});
     }
-    if (R > 0) linear_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
+    if (R > 0) linear_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
   });
   return outputs;
 }
 
-TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) { m.impl("linear", &linear_cpu); }
+std::vector<at::Tensor> linear_int8_cpu(const at::Tensor& input, at::TensorList weights,
+                                        at::TensorList scales,
+                                        const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear_int8(input, weights, scales, biases);
+  const at::Tensor x = input.contiguous();
+  const int64_t K = x.size(-1), R = x.numel() / std::max<int64_t>(K, 1);
+  std::vector<at::Tensor> keep, outputs;  // contiguous copies live until the kernel is done
+  for (size_t i = 0; i < weights.size(); ++i) {
+    keep.push_back(weights[i].contiguous());
+    keep.push_back(scales[i].contiguous());
+    const std::optional<at::Tensor> bias = biases.get(i);
+    keep.push_back(bias.has_value() ? bias->contiguous() : at::Tensor());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(weights[i].size(0));
+    outputs.push_back(at::empty(shape, x.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_int8_cpu", [&] {
+    std::vector<Projection<scalar_t, int8_t>> projections;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const at::Tensor& bias = keep[3 * i + 2];
+      projections.push_back({keep[3 * i].const_data_ptr<int8_t>(), keep[3 * i + 1].const_data_ptr<scalar_t>(),
+                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                             outputs[i].data_ptr<scalar_t>(), weights[i].size(0)});
+    }
+    if (R > 0) linear_kernel<scalar_t, int8_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
+  });
+  return outputs;
+}
+
+TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_int8", &linear_int8_cpu);
+}
 
 }  // namespace cllm_rt

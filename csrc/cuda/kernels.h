@@ -86,4 +86,9 @@ cudaError_t gumbel_argmax(const void* logits, DType dtype, int64_t B, int64_t n,
 cudaError_t linear(const void* input, const void* weight, const void* bias, DType dtype, int64_t R,
                    int64_t K, int64_t N, void* out, cudaStream_t stream);
 
+// out[r*N + j] = (sum_k input[r*K + k] * weight[j*K + k]) * scale[j] (+ bias[j]) with int8 weight and
+// input, scale, bias, out of dtype (kFloat32 or kFloat64, also the accumulation type); as linear.
+cudaError_t linear_int8(const void* input, const int8_t* weight, const void* scale, const void* bias,
+                        DType dtype, int64_t R, int64_t K, int64_t N, void* out, cudaStream_t stream);
+
 }  // namespace cllm_rt::cuda

@@ -1,5 +1,6 @@
 // linear on CUDA: out = input @ weight.T (+ bias) for a few rows (a token tree x batch), each
-// weight row read from memory once for all rows.
+// weight row read from memory once for all rows; linear_int8, the same with int8 weights and a
+// scale per weight row.
 //
 // A decode step's linears are skinny products (R = 1..64 rows against N x K weights) that
 // only read the weights: each warp takes one weight row, its lanes stride the feature dim
@@ -39,6 +40,36 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// linear_kernel with int8 weights: lanes stride k one element at a time (the weight row is a
+// quarter of float32's bytes, so 16-byte loads would leave most lanes idle at K of a few hundred),
+// and each sum is scaled once at the end. Row invariance as above.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    linear_int8_kernel(const T* __restrict__ x, const int8_t* __restrict__ weight,
+                       const T* __restrict__ scale, const T* __restrict__ bias, int64_t R, int64_t K,
+                       int64_t N, T* __restrict__ out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
+  if (n >= N) return;  // whole warps leave: warp_sum below needs all 32 lanes
+  const int8_t* w = weight + n * K;
+  for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass) {
+    const int64_t rows = min(int64_t(kRowsPerPass), R - r0);
+    T dot[kRowsPerPass] = {};
+    for (int64_t k = lane; k < K; k += 32) {
+      const T wk = static_cast<T>(w[k]);  // exact: every int8 is a float
+#pragma unroll
+      for (int j = 0; j < kRowsPerPass; ++j) {
+        if (j < rows) dot[j] += x[(r0 + j) * K + k] * wk;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRowsPerPass; ++j) {
+      const T sum = warp_sum(dot[j]) * scale[n];
+      if (lane == 0 && j < rows) out[(r0 + j) * N + n] = bias ? sum + bias[n] : sum;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t linear(const void* input, const void* weight, const void* bias, DType dtype, int64_t R,
@@ -53,6 +84,21 @@ cudaError_t linear(const void* input, const void* weight, const void* bias, DTyp
         x, w, static_cast<const T*>(bias), R, K, N, vectorized, static_cast<T*>(out));
     return cudaGetLastError();
   });
+}
+
+cudaError_t linear_int8(const void* input, const int8_t* weight, const void* scale, const void* bias,
+                        DType dtype, int64_t R, int64_t K, int64_t N, void* out, cudaStream_t stream) {
+  if (R == 0 || N == 0) return cudaSuccess;
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    linear_int8_kernel<T><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
+        static_cast<const T*>(input), weight, static_cast<const T*>(scale), static_cast<const T*>(bias), R,
+        K, N, static_cast<T*>(out));
+    return cudaGetLastError();
+  };
+  if (dtype == DType::kFloat32) return launch(float{});
+  if (dtype == DType::kFloat64) return launch(double{});
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cllm_rt::cuda

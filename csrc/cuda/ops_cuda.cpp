@@ -189,6 +189,32 @@ std::vector<at::Tensor> linear_cuda(const at::Tensor& input_in, at::TensorList w
   return outputs;
 }
 
+std::vector<at::Tensor> linear_int8_cuda(const at::Tensor& input_in, at::TensorList weights,
+                                         at::TensorList scales,
+                                         const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear_int8(input_in, weights, scales, biases);
+  check_cuda(input_in, "linear_int8");
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const at::Tensor input = input_in.contiguous();
+  const int64_t K = input.size(-1), R = input.numel() / std::max<int64_t>(K, 1);
+  std::vector<at::Tensor> outputs;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor weight = weights[i].contiguous(), scale = scales[i].contiguous();
+    const std::optional<at::Tensor> bias_in = biases.get(i);
+    const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+    shape.push_back(weight.size(0));
+    at::Tensor out = at::empty(shape, input.options());
+    check_launch(cuda::linear_int8(input.const_data_ptr(), weight.const_data_ptr<int8_t>(),
+                                   scale.const_data_ptr(), bias.defined() ? bias.const_data_ptr() : nullptr,
+                                   kernel_dtype(input.scalar_type()), R, K, weight.size(0), out.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream()),
+                 "linear_int8");
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
 TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("jacobi_verify", &jacobi_verify_cuda);
   m.impl("block_attention", &block_attention_cuda);
@@ -197,6 +223,7 @@ TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
   m.impl("lm_head_argmax", &lm_head_argmax_cuda);
   m.impl("gumbel_argmax", &gumbel_argmax_cuda);
   m.impl("linear", &linear_cuda);
+  m.impl("linear_int8", &linear_int8_cuda);
 }
 
 }  // namespace cllm_rt
