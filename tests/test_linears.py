@@ -140,3 +140,19 @@ def test_a_float_model_routes_a_tree_s_rows_and_keeps_torch_for_one_token_where_
         assert torch.equal(layer(tree), ops.linear(tree, [layer.weight], [layer.bias])[0])
         assert torch.equal(layer(one), F.linear(one, layer.weight, layer.bias))
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@native
+def test_int8_weights_follow_float32_s_tile_choice_and_it_does_not_change_a_bit():
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(2, 200, generator=g), torch.randint(-127, 128, (50, 200), generator=g, dtype=torch.int8)
+    scale = torch.rand(50, generator=g)
+    try:
+        ops._C.set_linear_tall_tile_rows("float32", 2)
+        tall = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
+        ops._C.set_linear_tall_tile_rows("float32", 0)
+        wide = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
+    finally:
+        ops.small_row_plan(torch.float32)  # the measured choice again
+    assert all(torch.equal(a, b) for a, b in zip(tall, wide))
+    assert torch.equal(tall[0][0], tall[1][0])
