@@ -65,7 +65,7 @@ def _generate(args) -> None:
     from .runtime.inputs import greedy_generation_config
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, weights=args.weights)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if not args.no_chat_template and getattr(tokenizer, "chat_template", None):
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
@@ -165,6 +165,7 @@ def _serve(args) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     serve(args.model, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype, device=device,
+          weights=args.weights,
           model_name=args.served_model_name, block_size=args.block_size, corpus=args.corpus,
           max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
 
@@ -181,6 +182,12 @@ def _add_special_token_options(parser, pad: bool = True) -> None:
                             help="pad finished rows with this id; default: the generation config's")
 
 
+def _add_weights_option(parser) -> None:
+    parser.add_argument("--weights", choices=["int8", "int8+head"],
+                        help="quantize at load: int8 layer linears (int8+head: the LM head too); decoding is exact "
+                        "for the quantized model, whose answers differ from the stored one's (README, int8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllm-rt", description="Exact Jacobi decoding for Hugging Face models; "
                                      "collect Jacobi trajectories and consistency-train a CLLM (Kou et al. 2024).")
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-size", type=int, default=16)
     gen.add_argument("--seed", type=int, default=0, help="seed of the Jacobi guesses (never changes the output)")
     gen.add_argument("--dtype", default="auto", choices=_DTYPES)
+    _add_weights_option(gen)
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     gen.add_argument("--no-chat-template", action="store_true",
@@ -319,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--dtype", default="auto", choices=_DTYPES)
+    _add_weights_option(serve)
     serve.add_argument("--device", help="default: cuda when available, else cpu")
     serve.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     serve.set_defaults(run=_serve)

@@ -131,14 +131,18 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None, weights=No
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if torch_device is not None:
         model.to(torch_device)
+    from . import draft_head
+
+    head = draft_head.load(str(path), model)  # None when no head was saved; checked against the stored weights
     if weights is not None:
+        if head is not None and weights == "int8+head":
+            raise ValueError(f"{path} has a draft head, which reads the float LM head: load it with weights='int8' "
+                             "(the layers only)")
         from .quantize import quantize_int8
 
         quantize_int8(model, lm_head=weights == "int8+head")  # before the copy below: what it drops is not copied
     _own_weights(model)
-    from . import draft_head
-
-    draft_head.attach(model, draft_head.load(str(path), model))  # None when no head was saved beside it
+    draft_head.attach(model, head)
     return model.eval(), tokenizer
 
 

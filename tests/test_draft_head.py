@@ -114,6 +114,21 @@ def test_load_model_attaches_the_head_and_refuses_one_for_other_weights(tmp_path
         load_model(tmp_path)
 
 
+def test_load_model_int8_keeps_the_head_of_the_stored_weights_and_refuses_an_int8_lm_head(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cllm_rt.quantize import Int8Linear
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    model = tiny_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    draft_head.save(_random_head(model).float(), str(tmp_path), model)
+    loaded = load_model(tmp_path, weights="int8")[0]  # the fingerprint is checked on the weights as stored
+    assert draft_head.attached(loaded) is not None and type(loaded.model.layers[0].mlp.up_proj) is Int8Linear
+    with pytest.raises(ValueError, match="has a draft head, which reads the float LM head"):
+        load_model(tmp_path, weights="int8+head")
+
+
 def test_a_head_of_the_old_format_is_refused_in_one_line(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer

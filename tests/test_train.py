@@ -469,3 +469,5 @@ def test_cli_train_then_generate(setup, tmp_path, capsys):
     cli_main(["generate", "--model", out, "def f(x):", "--max-new-tokens", "12", "--block-size", "4"])
     err = capsys.readouterr().err
     assert "12 tokens in" in err and "tokens per forward" in err
+    cli_main(["generate", "--model", out, "def f(x):", "--max-new-tokens", "5", "--weights", "int8"])
+    assert "5 tokens in" in capsys.readouterr().err

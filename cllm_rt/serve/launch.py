@@ -41,11 +41,11 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          dtype="auto", device=None, model_name: str | None = None, **options) -> None:
+          dtype="auto", device=None, weights=None, model_name: str | None = None, **options) -> None:
     """``cllm-rt serve``: load ``spec`` (a directory or a short name) and serve it until interrupted."""
     from ..models import load_model
 
-    model, tokenizer = load_model(spec, dtype=dtype, device=device)
+    model, tokenizer = load_model(spec, dtype=dtype, device=device, weights=weights)
     app = create_app(model, tokenizer, model_name=model_name or str(spec), api_key=api_key, **options)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who reaches this address can use the model", host)
