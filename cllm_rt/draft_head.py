@@ -32,13 +32,14 @@ _FORMAT = "2"  # 1: Medusa-1 heads, one per depth, blind to the tokens guessed b
 
 
 def model_fingerprint(model, dtype: torch.dtype | None = None) -> dict:
-    """Identify a model's weights without reading all of them: every parameter's name, shape and first 64
-    values (any fine-tune changes those), hashed after rounding to ``dtype`` (default: the parameters' own),
+    """Identify a model's weights without reading all of them: every parameter's (and int8 weight's) name, shape
+    and first 64 values (any fine-tune changes those), hashed after rounding to ``dtype`` (default: the parameters' own),
     so a float32 copy of a model collected in bfloat16 is recognised as the same model."""
     digest = hashlib.sha256()
     first = next(model.parameters())
     dtype = dtype or first.dtype
-    for name, param in model.named_parameters():
+    int8 = [(name, b) for name, b in model.named_buffers() if b.dtype == torch.int8]  # cllm_rt.quantize's weights
+    for name, param in [*model.named_parameters(), *int8]:
         digest.update(f"{name}:{tuple(param.shape)};".encode())
         digest.update(param.detach().flatten()[:64].to("cpu", dtype).to(torch.float64).numpy().tobytes())
     return {"model_type": model.config.model_type, "vocab_size": model.config.vocab_size,

@@ -124,6 +124,9 @@ def load_model(spec: str | os.PathLike, *, dtype="auto", device=None, weights=No
     torch_device = _torch_device(device)
     if weights not in (None, "int8", "int8+head"):
         raise ValueError(f"weights must be None (as stored), 'int8' or 'int8+head', not {weights!r}")
+    if weights is not None and torch_dtype not in ("auto", torch.float32, torch.float64):
+        raise ValueError(f"weights={weights!r} needs dtype float32 or float64 (the int8 kernel's input dtypes), "
+                         f"not {torch_dtype}")
     path = resolve_model(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

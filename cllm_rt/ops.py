@@ -363,8 +363,9 @@ def _check_lm_head_argmax(hidden, weight):
 def _check_linear(input, weights, biases):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() == 0 or input.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"input must be a float tensor [..., K], got {input.dtype} of shape {tuple(input.shape)}")
+    if input.dim() == 0 or input.shape[-1] == 0 or input.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"input must be a float tensor [..., K] with K >= 1, got {input.dtype} of shape "
+                         f"{tuple(input.shape)}")
     if len(weights) == 0 or len(biases) != len(weights):
         raise ValueError(f"linear needs at least one weight and one bias entry (a tensor or None) per weight, "
                          f"got {len(weights)} weights and {len(biases)} biases")
@@ -383,9 +384,10 @@ def _check_linear(input, weights, biases):
 def _check_linear_int8(input, weights, scales, biases):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() == 0 or input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"input must be a float32 or float64 tensor [..., K], got {input.dtype} of shape "
-                        f"{tuple(input.shape)}")
+    if input.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"input must be a float32 or float64 tensor [..., K], got {input.dtype}")
+    if input.dim() == 0 or input.shape[-1] == 0:
+        raise ValueError(f"input must be [..., K] with K >= 1, got shape {tuple(input.shape)}")
     if len(weights) == 0 or not len(scales) == len(biases) == len(weights):
         raise ValueError(f"linear_int8 needs at least one weight, and one scale and one bias entry (a tensor or "
                          f"None) per weight, got {len(weights)} weights, {len(scales)} scales and {len(biases)} "
@@ -678,9 +680,9 @@ def linear_int8(input: torch.Tensor, weights, scales, biases=None) -> list[torch
     (:func:`cllm_rt.quantize.quantize_int8` makes them), of one float32 or float64 input [..., K].
 
     scales [N_i] and biases ([N_i] or None; ``None`` for all: no biases) of input's dtype; products accumulate in
-    input's dtype. As :func:`linear`: the CPU kernel converts each weight tile once for all rows, and a row's bits
-    do not depend on the other rows of the call, so a quantized model's token tree gives the tokens its one-token
-    steps give. Without a native kernel for the device, :func:`linear_int8_reference` (float64) stands in.
+    input's dtype. As :func:`linear`: the CPU kernel streams each weight tile once for all rows (converting it in
+    registers once per pass of up to 8 rows), and a row's bits
+    do not depend on the other rows of the call. Without a native kernel for the device, :func:`linear_int8_reference` (float64) stands in.
     """
     weights, scales = list(weights), list(scales)
     biases = [None] * len(weights) if biases is None else list(biases)

@@ -10,8 +10,10 @@ step from ~13.4 to ~11.3 ms at 1 thread but moved the greedy answers twice as fa
 
 Exact means exact with respect to the quantized model: HF's ``model.generate`` on the quantized model runs the
 same kernel as cllm_rt's step, and the kernel's rows do not depend on how many rows a call holds, so cllm_rt's
-decoding gives ``generate``'s tokens (tested in float64, as every exactness test) and a token tree gives the
-tokens one-token steps give (tested in float32). It is not the float model's output: the quantized weights are
+decoding gives ``generate``'s tokens (tested in float64, as every exactness test); with the int8 LM head too, a
+float32 token tree gives the tokens one-token steps give (tested). A float LM head (``weights="int8"``) keeps
+float32's caveat: its product takes another kernel at a one-token step than over a tree (``ops.greedy_verify``),
+so a near-tie can round the other way, as for a float32 model (README, *Precision*). It is not the float model's output: the quantized weights are
 another model, whose greedy answers drift from the original's (measured in the README).
 """
 
@@ -22,9 +24,6 @@ import torch
 from . import ops
 
 __all__ = ["Int8Linear", "quantize_int8", "LAYER_LINEARS"]
-
-# Whether quantize_int8 quantizes the LM head by default (load_model: weights="int8+head"); the module docstring.
-LM_HEAD = False
 
 # The linears quantize_int8 replaces in each decoder layer: block name -> its linears.
 LAYER_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -47,10 +46,9 @@ class Int8Linear(torch.nn.Module):
         """The per-row symmetric quantization of ``linear`` (float32 or float64 weights). A row of zeros gets
         scale 1 and zeros."""
         w = linear.weight.detach()
-        if w.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"int8 weights need a float32 or float64 model (the kernel's input dtypes), got {w.dtype}")
-        amax = w.abs().amax(dim=1)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        _check_quantizable(linear)
+        scale = w.abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero row (or one whose max/127 underflows)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
@@ -62,7 +60,16 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8(model: torch.nn.Module, *, lm_head: bool = LM_HEAD) -> torch.nn.Module:
+def _check_quantizable(linear: torch.nn.Module) -> None:
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"quantize_int8 needs a float32 or float64 model (the int8 kernel's input dtypes), got "
+                         f"{getattr(weight, 'dtype', None)}: load it with dtype='float32'")
+    if not bool(weight.isfinite().all()):
+        raise ValueError("quantize_int8 needs finite weights: this model has inf or NaN in a linear")
+
+
+def quantize_int8(model: torch.nn.Module, *, lm_head: bool = False) -> torch.nn.Module:
     """Replaces the layer linears of ``model`` (a llama-family causal LM on a CPU or CUDA device, in float32 or
     float64: the dtypes of ``ops.linear_int8``'s input), and with ``lm_head`` its LM head, by
     :class:`Int8Linear` in place and returns it. A tied input embedding stays float (a step reads only its
@@ -73,10 +80,6 @@ def quantize_int8(model: torch.nn.Module, *, lm_head: bool = LM_HEAD) -> torch.n
     layers = getattr(base, "layers", None)
     if layers is None:
         raise ValueError(f"quantize_int8 needs a llama-style model (base_model.layers), got {type(model).__name__}")
-    dtype = model.get_output_embeddings().weight.dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"quantize_int8 needs a float32 or float64 model (the int8 kernel's input dtypes), got "
-                         f"{dtype}")
     targets = []  # all checked before any is replaced: a refused model is left as it was
     for layer in layers:
         for block_name, names in LAYER_LINEARS.items():
@@ -86,11 +89,12 @@ def quantize_int8(model: torch.nn.Module, *, lm_head: bool = LM_HEAD) -> torch.n
                 if type(linear) is not torch.nn.Linear:
                     raise ValueError(f"quantize_int8 needs {block_name}.{name} to be an nn.Linear in every layer, "
                                      f"got {type(linear).__name__}")
+                _check_quantizable(linear)
                 targets.append((block, name, linear))
-    if lm_head:
-        head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:
-            raise ValueError(f"quantize_int8 needs the LM head to be an nn.Linear, got {type(head).__name__}")
+    head = model.get_output_embeddings()
+    _check_quantizable(head)  # the step's activations take its dtype, whether or not it is quantized
+    if lm_head and type(head) is not torch.nn.Linear:
+        raise ValueError(f"quantize_int8 needs the LM head to be an nn.Linear, got {type(head).__name__}")
     for block, name, linear in targets:
         setattr(block, name, Int8Linear.from_linear(linear))
     if lm_head:

@@ -178,7 +178,8 @@ inline void check_lm_head_argmax(const at::Tensor& hidden, const at::Tensor& wei
 inline void check_linear(const at::Tensor& input, at::TensorList weights,
                          const c10::List<std::optional<at::Tensor>>& biases) {
   check_float("linear", "input", input);
-  TORCH_CHECK_VALUE(input.dim() >= 1, "linear: input must have at least 1 dimension");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) > 0,
+                    "linear: input must be [..., K] with K >= 1, got ", input.sizes());
   TORCH_CHECK_VALUE(!weights.empty(), "linear: weights must hold at least one weight");
   TORCH_CHECK_VALUE(biases.size() == weights.size(), "linear: biases must hold one entry (a tensor ",
                     "or None) per weight, got ", biases.size(), " for ", weights.size(), " weights");
@@ -205,7 +206,8 @@ inline void check_linear_int8(const at::Tensor& input, at::TensorList weights, a
                               const c10::List<std::optional<at::Tensor>>& biases) {
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
                    "linear_int8: input must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK_VALUE(input.dim() >= 1, "linear_int8: input must have at least 1 dimension");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) > 0,
+                    "linear_int8: input must be [..., K] with K >= 1, got ", input.sizes());
   TORCH_CHECK_VALUE(!weights.empty(), "linear_int8: weights must hold at least one weight");
   TORCH_CHECK_VALUE(scales.size() == weights.size() && biases.size() == weights.size(),
                     "linear_int8: scales and biases must hold one entry per weight, got ", scales.size(),

@@ -173,19 +173,6 @@ def test_short_name_converts_once_into_a_plain_model_equal_to_the_gguf_one(tiny,
         assert torch.equal(ours[key], theirs[key]), key
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
 
-
-def test_load_model_weights_share_one_block_but_no_storage(tiny, tmp_path):
-    model, tokenizer = load_model("tiny-test")
-    params = list(model.parameters())
-    starts = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
-    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))  # one run
-    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # each its own storage
-    model.save_pretrained(tmp_path)  # safetensors refuses tensors that share storage
-    tokenizer.save_pretrained(tmp_path)
-    again, _ = load_model(str(tmp_path))
-    for name, param in model.named_parameters():
-        assert torch.equal(param, again.get_parameter(name)), name
-
     chat = [{"role": "user", "content": "then the answer is in"}]
     assert tokenizer.chat_template == CHAT_TEMPLATE
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
@@ -233,11 +220,16 @@ def test_load_model_weights_are_the_process_own_not_the_mapped_checkpoint(tiny):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
 
 
+def _assert_one_run(tensors) -> None:
+    """The tensors lie one after another in memory, at most 64 bytes of alignment apart (models._own_weights)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
 def test_load_model_weights_share_one_block_but_no_storage(tiny, tmp_path):
     model, tokenizer = load_model("tiny-test")
     params = list(model.parameters())
-    starts = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
-    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))  # one run
+    _assert_one_run(params)
     assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # each its own storage
     model.save_pretrained(tmp_path)  # safetensors refuses tensors that share storage
     tokenizer.save_pretrained(tmp_path)
@@ -255,10 +247,7 @@ def test_load_model_int8_quantizes_and_streams_the_int8_weights_from_the_block(t
     int8 = [m for m in model.modules() if type(m) is Int8Linear]
     assert len(int8) == 7 * model.config.num_hidden_layers + (weights == "int8+head")
     assert (type(model.get_output_embeddings()) is Int8Linear) == (weights == "int8+head")
-    # the int8 weights follow the parameters in the one block (models._own_weights)
-    tensors = [*model.parameters(), *(m.weight for m in int8)]
-    starts = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
-    assert all(end <= next_start <= end + 64 for (_, end), (next_start, _) in zip(starts, starts[1:]))
+    _assert_one_run([*model.parameters(), *(m.weight for m in int8)])  # the int8 weights in the one block too
     ids = torch.tensor([[1, 5, 9, 3]])  # the same model as quantize_int8 makes of the float one
     assert torch.equal(_greedy(model, ids), _greedy(quantize_int8(plain, lm_head=weights == "int8+head"), ids))
 

@@ -776,6 +776,11 @@ def test_linear_opcheck():
 
 def test_linear_rejects_bad_input():
     x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"input must be a float tensor \[\.\.\., K\] with K >= 1"):
+        ops.linear(torch.randn(2, 0), [torch.randn(3, 0)])  # no products: nothing would write the outputs
+    if ops.native_available():
+        with pytest.raises(ValueError, match="linear: input must be \\[\\.\\.\\., K\\] with K >= 1"):
+            torch.ops.cllm_rt.linear(torch.randn(2, 0), [torch.randn(3, 0)], [None])
     with pytest.raises(ValueError, match=r"weights\[0\] must have shape"):
         ops.linear(x, [torch.randn(3, 9)])
     with pytest.raises(TypeError, match=r"weights\[0\] must have dtype"):
@@ -826,6 +831,8 @@ def test_linear_int8_opcheck():
 
 def test_linear_int8_rejects_bad_input():
     x, w, s = torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(ValueError, match="input must be .* with K >= 1"):
+        ops.linear_int8(torch.randn(2, 0), [torch.zeros(3, 0, dtype=torch.int8)], [s])
     with pytest.raises(TypeError, match="input must be a float32 or float64 tensor"):
         ops.linear_int8(x.bfloat16(), [w], [s.bfloat16()])
     with pytest.raises(TypeError, match=r"weights\[0\] must have dtype in \(int8\)"):
@@ -845,6 +852,8 @@ def test_linear_int8_rejects_bad_input():
 @pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 def test_linear_int8_kernel_checks_match_the_python_ones():
     x, w, s = torch.randn(2, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(ValueError, match="linear_int8: input must be .* with K >= 1"):
+        torch.ops.cllm_rt.linear_int8(torch.randn(2, 0), [torch.zeros(3, 0, dtype=torch.int8)], [s], [None])
     with pytest.raises(TypeError, match="linear_int8: input must be float32 or float64"):
         torch.ops.cllm_rt.linear_int8(x.half(), [w], [s.half()], [None])
     with pytest.raises(TypeError, match=r"linear_int8: weights\[0\] must be int8"):

@@ -70,11 +70,11 @@ def test_decoding_an_int8_model_equals_its_hf_generate(arch, block_size, drafts,
 
 @pytest.mark.parametrize("sample", [{}, dict(do_sample=True, temperature=0.9, top_k=20, seed=3)],
                          ids=["greedy", "sampled"])
-@pytest.mark.parametrize("lm_head", [False, True], ids=["layers", "layers+head"])
-def test_float32_int8_trees_give_the_tokens_of_one_token_steps(lm_head, sample):
-    # float32 rounding depends on the order of a sum; the kernel's order does not depend on the row count, so a
-    # tree's verify forward picks (or samples) the tokens one-token steps pick
-    model = quantize_int8(tiny_model("llama", dtype=torch.float32), lm_head=lm_head)
+def test_float32_int8_trees_give_the_tokens_of_one_token_steps(sample):
+    # float32 rounding depends on the order of a sum; the kernel's order does not depend on the row count, so with
+    # every linear int8 (the head too: a float head takes other kernels at other row counts) a tree's verify
+    # forward picks (or samples) the tokens one-token steps pick
+    model = quantize_int8(tiny_model("llama", dtype=torch.float32), lm_head=True)
     ids, mask = random_prompts(3, [5, 1, 9])
     steps = cllm_rt.generate(model, ids, mask, max_new_tokens=64, block_size=1, drafts=None, pad_token_id=0,
                              **sample)
@@ -107,8 +107,36 @@ def test_quantize_int8_refuses_what_the_kernel_cannot_run():
     with pytest.raises(ValueError, match="self_attn.q_proj to be an nn.Linear"):
         quantize_int8(model)
     assert not any(isinstance(m, Int8Linear) for m in model.modules())  # left as it was
+    model = tiny_model("llama", dtype=torch.float32)
+    model.model.layers[-1].mlp.down_proj.to(torch.bfloat16)  # found before the first layer is replaced
+    with pytest.raises(ValueError, match="float32 or float64 model.*got torch.bfloat16: load it with"):
+        quantize_int8(model)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    model = tiny_model("llama", dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="needs finite weights"):
+        quantize_int8(model)
     with pytest.raises(ValueError, match="weights must be None .*, 'int8' or 'int8\\+head', not 'int4'"):
         load_model("smollm2-135m-instruct", weights="int4")  # checked before anything loads
+    with pytest.raises(ValueError, match="weights='int8' needs dtype float32 or float64 .*, not torch.bfloat16"):
+        load_model("smollm2-135m-instruct", dtype="bfloat16", weights="int8")
+
+
+def test_int8_models_are_told_apart_and_train_no_draft_head():
+    from cllm_rt.training.draft_head import fit_head, head_examples
+
+    a = quantize_int8(tiny_model("llama", dtype=torch.float32))
+    other = tiny_model("llama", dtype=torch.float32)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight[0] *= -1  # only an int8 weight differs
+    b = quantize_int8(other)
+    assert draft_head.model_fingerprint(a) != draft_head.model_fingerprint(b)  # collect manifests, resumes
+    with_head = quantize_int8(tiny_model("llama", dtype=torch.float32), lm_head=True)
+    with pytest.raises(ValueError, match="a draft head trains on a float LM head"):
+        head_examples(with_head, [([1, 2, 3, 4], 2)], depth=2)
+    with pytest.raises(ValueError, match="a draft head trains on a float LM head"):
+        fit_head(with_head, torch.zeros(1, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_an_int8_model_on_the_reference_path_still_decodes_as_its_generate():

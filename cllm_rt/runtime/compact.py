@@ -83,13 +83,12 @@ def _stock_and_unhooked(base) -> bool:
             block = layer._modules.get(name)
             if block is None or not _unhooked(block):
                 return False
-            kinds = set()
-            for linear in map(block._modules.get, linears):
-                kinds.add(type(linear))
-                if kinds - {torch.nn.Linear, Int8Linear} or not _unhooked(linear):
-                    return False
-            if len(kinds) > 1:  # _project calls one kernel per group
+            first = type(block._modules.get(linears[0]))
+            if first is not torch.nn.Linear and first is not Int8Linear:
                 return False
+            for linear in map(block._modules.get, linears):
+                if type(linear) is not first or not _unhooked(linear):  # _project calls one kernel per group
+                    return False
     return True
 
 

@@ -23,13 +23,22 @@ from ..draft_head import DraftHead
 IGNORE = -1
 
 
+def _float_lm_head(model) -> torch.nn.Linear:
+    """The LM head a draft head reads its guesses through; an int8 one (cllm_rt.quantize) is refused in one line."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"a draft head trains on a float LM head (an nn.Linear), got {type(head).__name__}: "
+                         "train it on the float model, then load that with weights='int8'")
+    return head
+
+
 @torch.inference_mode()
 def head_examples(model, sequences: list[tuple[list[int], int]],
                   depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states [N, d] (float32), roots [N] (the target's greedy next token at each, the token the head's
     first step follows) and labels [N, depth] (``IGNORE`` where invalid) of every answer position whose next
     token is the target's greedy one; ``sequences``: (tokens, index of the first answer token)."""
-    lm_head = model.get_output_embeddings()
+    lm_head = _float_lm_head(model)
     hidden_rows, root_rows, label_rows = [], [], []
     for tokens, start in sequences:
         ids = torch.tensor([tokens], device=lm_head.weight.device)
@@ -58,7 +67,7 @@ def fit_head(model, hidden: torch.Tensor, roots: torch.Tensor, labels: torch.Ten
     accuracy). Teacher-forced: step k follows label k-1 (the root at step 1), the token it follows when the
     guesses before it are right, which is the only case where its own guess can be accepted."""
     torch.manual_seed(seed)
-    lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    lm_head, embedding = _float_lm_head(model), model.get_input_embeddings()
     vocab = labels[labels != IGNORE].unique()  # [V']: what the head learns to guess, and guesses among
     head = DraftHead(hidden.shape[1], labels.shape[1], vocab)
     to_sub = torch.full((int(lm_head.weight.shape[0]),), IGNORE, dtype=torch.long)
