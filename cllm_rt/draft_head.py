@@ -33,8 +33,8 @@ _FORMAT = "2"  # 1: Medusa-1 heads, one per depth, blind to the tokens guessed b
 
 def model_fingerprint(model, dtype: torch.dtype | None = None) -> dict:
     """Identify a model's weights without reading all of them: every parameter's (and int8 weight's) name, shape
-    and first 64 values (any fine-tune changes those), hashed after rounding to ``dtype`` (default: the parameters' own),
-    so a float32 copy of a model collected in bfloat16 is recognised as the same model."""
+    and first 64 values (any fine-tune changes those), hashed after rounding to ``dtype`` (default: the
+    parameters' own), so a float32 copy of a model collected in bfloat16 is recognised as the same model."""
     digest = hashlib.sha256()
     first = next(model.parameters())
     dtype = dtype or first.dtype

@@ -370,15 +370,25 @@ def _check_linear(input, weights, biases):
         raise ValueError(f"linear needs at least one weight and one bias entry (a tensor or None) per weight, "
                          f"got {len(weights)} weights and {len(biases)} biases")
     for i, (w, b) in enumerate(zip(weights, biases)):
-        _check_tensor(f"weights[{i}]", w, 2, (input.dtype,))
-        _check_same_device(f"weights[{i}]", w, "input", input)
-        if w.shape[1] != input.shape[-1]:
-            raise ValueError(f"weights[{i}] must have shape [N, K={input.shape[-1]}], got {tuple(w.shape)}")
+        _check_linear_weight(i, w, input, (input.dtype,))
         if b is not None:
-            _check_tensor(f"biases[{i}]", b, 1, (input.dtype,))
-            _check_same_device(f"biases[{i}]", b, "input", input)
-            if b.shape[0] != w.shape[0]:
-                raise ValueError(f"biases[{i}] must have shape [N={w.shape[0]}], got {tuple(b.shape)}")
+            _check_per_output_row(f"biases[{i}]", b, w, input)
+
+
+def _check_linear_weight(i: int, w, input, dtypes) -> None:
+    """weights[i] of a linear op: a [N, K] tensor of ``dtypes`` on input's device, K input's last dimension."""
+    _check_tensor(f"weights[{i}]", w, 2, dtypes)
+    _check_same_device(f"weights[{i}]", w, "input", input)
+    if w.shape[1] != input.shape[-1]:
+        raise ValueError(f"weights[{i}] must have shape [N, K={input.shape[-1]}], got {tuple(w.shape)}")
+
+
+def _check_per_output_row(name: str, x, w, input) -> None:
+    """A bias or scale of weight ``w``: [N] of input's dtype, on input's device."""
+    _check_tensor(name, x, 1, (input.dtype,))
+    _check_same_device(name, x, "input", input)
+    if x.shape[0] != w.shape[0]:
+        raise ValueError(f"{name} must have shape [N={w.shape[0]}], got {tuple(x.shape)}")
 
 
 def _check_linear_int8(input, weights, scales, biases):
@@ -393,17 +403,10 @@ def _check_linear_int8(input, weights, scales, biases):
                          f"None) per weight, got {len(weights)} weights, {len(scales)} scales and {len(biases)} "
                          f"biases")
     for i, (w, scale, b) in enumerate(zip(weights, scales, biases)):
-        _check_tensor(f"weights[{i}]", w, 2, (torch.int8,))
-        _check_same_device(f"weights[{i}]", w, "input", input)
-        if w.shape[1] != input.shape[-1]:
-            raise ValueError(f"weights[{i}] must have shape [N, K={input.shape[-1]}], got {tuple(w.shape)}")
-        for name, x in ((f"scales[{i}]", scale), (f"biases[{i}]", b)):
-            if x is None and name.startswith("biases"):
-                continue
-            _check_tensor(name, x, 1, (input.dtype,))
-            _check_same_device(name, x, "input", input)
-            if x.shape[0] != w.shape[0]:
-                raise ValueError(f"{name} must have shape [N={w.shape[0]}], got {tuple(x.shape)}")
+        _check_linear_weight(i, w, input, (torch.int8,))
+        _check_per_output_row(f"scales[{i}]", scale, w, input)
+        if b is not None:
+            _check_per_output_row(f"biases[{i}]", b, w, input)
 
 
 # Value checks of the reference path; the native path runs csrc/checks.cpp, whose
@@ -681,8 +684,8 @@ def linear_int8(input: torch.Tensor, weights, scales, biases=None) -> list[torch
 
     scales [N_i] and biases ([N_i] or None; ``None`` for all: no biases) of input's dtype; products accumulate in
     input's dtype. As :func:`linear`: the CPU kernel streams each weight tile once for all rows (converting it in
-    registers once per pass of up to 8 rows), and a row's bits
-    do not depend on the other rows of the call. Without a native kernel for the device, :func:`linear_int8_reference` (float64) stands in.
+    registers once per pass of up to 8 rows), and a row's bits do not depend on the other rows of the call.
+    Without a native kernel for the device, :func:`linear_int8_reference` (float64) stands in.
     """
     weights, scales = list(weights), list(scales)
     biases = [None] * len(weights) if biases is None else list(biases)

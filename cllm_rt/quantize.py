@@ -13,8 +13,8 @@ same kernel as cllm_rt's step, and the kernel's rows do not depend on how many r
 decoding gives ``generate``'s tokens (tested in float64, as every exactness test); with the int8 LM head too, a
 float32 token tree gives the tokens one-token steps give (tested). A float LM head (``weights="int8"``) keeps
 float32's caveat: its product takes another kernel at a one-token step than over a tree (``ops.greedy_verify``),
-so a near-tie can round the other way, as for a float32 model (README, *Precision*). It is not the float model's output: the quantized weights are
-another model, whose greedy answers drift from the original's (measured in the README).
+so a near-tie can round the other way, as for a float32 model (README, *Precision*). It is not the float model's
+output: the quantized weights are another model, whose greedy answers drift from the original's (README).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -385,60 +386,57 @@ bool set_linear_tall_tile_rows(const char* dtype, int64_t rows) {
   return false;
 }
 
-std::vector<at::Tensor> linear_cpu(const at::Tensor& input, at::TensorList weights,
+// The glue both ops share: contiguous operands kept alive until the kernel is done, outputs
+// [..., N_i], linear_kernel for the input's dtype; kInt8: int8 weights with their scales.
+template <bool kInt8>
+std::vector<at::Tensor> run_linear(const at::Tensor& input, at::TensorList weights, at::TensorList scales,
                                    const c10::List<std::optional<at::Tensor>>& biases) {
-  check_linear(input, weights, biases);
   const at::Tensor x = input.contiguous();
-  const int64_t K = x.size(-1), R = x.numel() / std::max<int64_t>(K, 1);
-  std::vector<at::Tensor> keep, outputs;  // contiguous copies live until the kernel is done
+  const int64_t K = x.size(-1), R = x.numel() / K;  // K >= 1: checked
+  std::vector<at::Tensor> keep, outputs;  // per weight: the weight, its scales (or none), its bias (or none)
   for (size_t i = 0; i < weights.size(); ++i) {
     keep.push_back(weights[i].contiguous());
+    keep.push_back(kInt8 ? scales[i].contiguous() : at::Tensor());
     const std::optional<at::Tensor> bias = biases.get(i);
     keep.push_back(bias.has_value() ? bias->contiguous() : at::Tensor());
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(weights[i].size(0));
     outputs.push_back(at::empty(shape, x.options()));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_cpu", [&] {
-    std::vector<Projection<scalar_t>> projections;
+  const auto run = [&](auto dtype_tag) {
+    using scalar_t = decltype(dtype_tag);
+    using weight_t = std::conditional_t<kInt8, int8_t, scalar_t>;
+    std::vector<Projection<scalar_t, weight_t>> projections;
     for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor& bias = keep[2 * i + 1];
-      projections.push_back({keep[2 * i].const_data_ptr<scalar_t>(), nullptr,
+      const at::Tensor& scale = keep[3 * i + 1];
+      const at::Tensor& bias = keep[3 * i + 2];
+      projections.push_back({keep[3 * i].const_data_ptr<weight_t>(),
+                             scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr,
                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                              outputs[i].data_ptr<scalar_t>(), weights[i].size(0)});
     }
-    if (R > 0) linear_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
-  });
+    if (R > 0) linear_kernel<scalar_t, weight_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
+  };
+  if constexpr (kInt8) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_int8_cpu", [&] { run(scalar_t{}); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_cpu",
+                                    [&] { run(scalar_t{}); });
+  }
   return outputs;
+}
+
+std::vector<at::Tensor> linear_cpu(const at::Tensor& input, at::TensorList weights,
+                                   const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear(input, weights, biases);
+  return run_linear<false>(input, weights, {}, biases);
 }
 
 std::vector<at::Tensor> linear_int8_cpu(const at::Tensor& input, at::TensorList weights,
                                         at::TensorList scales,
                                         const c10::List<std::optional<at::Tensor>>& biases) {
   check_linear_int8(input, weights, scales, biases);
-  const at::Tensor x = input.contiguous();
-  const int64_t K = x.size(-1), R = x.numel() / std::max<int64_t>(K, 1);
-  std::vector<at::Tensor> keep, outputs;  // contiguous copies live until the kernel is done
-  for (size_t i = 0; i < weights.size(); ++i) {
-    keep.push_back(weights[i].contiguous());
-    keep.push_back(scales[i].contiguous());
-    const std::optional<at::Tensor> bias = biases.get(i);
-    keep.push_back(bias.has_value() ? bias->contiguous() : at::Tensor());
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(weights[i].size(0));
-    outputs.push_back(at::empty(shape, x.options()));
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_int8_cpu", [&] {
-    std::vector<Projection<scalar_t, int8_t>> projections;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor& bias = keep[3 * i + 2];
-      projections.push_back({keep[3 * i].const_data_ptr<int8_t>(), keep[3 * i + 1].const_data_ptr<scalar_t>(),
-                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                             outputs[i].data_ptr<scalar_t>(), weights[i].size(0)});
-    }
-    if (R > 0) linear_kernel<scalar_t, int8_t>(x.const_data_ptr<scalar_t>(), R, K, projections);
-  });
-  return outputs;
+  return run_linear<true>(input, weights, scales, biases);
 }
 
 TORCH_LIBRARY_IMPL(cllm_rt, CPU, m) {
