@@ -164,13 +164,13 @@ at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, const at::Tensor& seeds_
   return tokens;
 }
 
-std::vector<at::Tensor> linear_cuda(const at::Tensor& input_in, at::TensorList weights,
-                                    const c10::List<std::optional<at::Tensor>>& biases) {
-  check_linear(input_in, weights, biases);
-  check_cuda(input_in, "linear");
-  const c10::cuda::CUDAGuard guard(input_in.device());
-  const at::Tensor input = input_in.contiguous();
-  const int64_t K = input.size(-1), R = input.numel() / std::max<int64_t>(K, 1);
+// The glue both linear ops share: for each weight, its contiguous copy, its bias (or an undefined
+// tensor) and a new output [..., N_i], handed to launch(i, weight, bias, out, R, K).
+template <typename Launch>
+std::vector<at::Tensor> each_linear(const at::Tensor& input, at::TensorList weights,
+                                    const c10::List<std::optional<at::Tensor>>& biases,
+                                    const Launch& launch) {
+  const int64_t K = input.size(-1), R = input.numel() / K;  // K >= 1: checked
   std::vector<at::Tensor> outputs;
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor weight = weights[i].contiguous();
@@ -179,14 +179,26 @@ std::vector<at::Tensor> linear_cuda(const at::Tensor& input_in, at::TensorList w
     std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
     shape.push_back(weight.size(0));
     at::Tensor out = at::empty(shape, input.options());
+    launch(i, weight, bias, out, R, K);
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
+std::vector<at::Tensor> linear_cuda(const at::Tensor& input_in, at::TensorList weights,
+                                    const c10::List<std::optional<at::Tensor>>& biases) {
+  check_linear(input_in, weights, biases);
+  check_cuda(input_in, "linear");
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const at::Tensor input = input_in.contiguous();
+  return each_linear(input, weights, biases, [&](size_t, const at::Tensor& weight, const at::Tensor& bias,
+                                                 at::Tensor& out, int64_t R, int64_t K) {
     check_launch(cuda::linear(input.const_data_ptr(), weight.const_data_ptr(),
                               bias.defined() ? bias.const_data_ptr() : nullptr,
                               kernel_dtype(input.scalar_type()), R, K, weight.size(0), out.data_ptr(),
                               c10::cuda::getCurrentCUDAStream()),
                  "linear");
-    outputs.push_back(out);
-  }
-  return outputs;
+  });
 }
 
 std::vector<at::Tensor> linear_int8_cuda(const at::Tensor& input_in, at::TensorList weights,
@@ -196,23 +208,15 @@ std::vector<at::Tensor> linear_int8_cuda(const at::Tensor& input_in, at::TensorL
   check_cuda(input_in, "linear_int8");
   const c10::cuda::CUDAGuard guard(input_in.device());
   const at::Tensor input = input_in.contiguous();
-  const int64_t K = input.size(-1), R = input.numel() / std::max<int64_t>(K, 1);
-  std::vector<at::Tensor> outputs;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const at::Tensor weight = weights[i].contiguous(), scale = scales[i].contiguous();
-    const std::optional<at::Tensor> bias_in = biases.get(i);
-    const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
-    shape.push_back(weight.size(0));
-    at::Tensor out = at::empty(shape, input.options());
+  return each_linear(input, weights, biases, [&](size_t i, const at::Tensor& weight, const at::Tensor& bias,
+                                                 at::Tensor& out, int64_t R, int64_t K) {
+    const at::Tensor scale = scales[i].contiguous();
     check_launch(cuda::linear_int8(input.const_data_ptr(), weight.const_data_ptr<int8_t>(),
                                    scale.const_data_ptr(), bias.defined() ? bias.const_data_ptr() : nullptr,
                                    kernel_dtype(input.scalar_type()), R, K, weight.size(0), out.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
                  "linear_int8");
-    outputs.push_back(out);
-  }
-  return outputs;
+  });
 }
 
 TORCH_LIBRARY_IMPL(cllm_rt, CUDA, m) {
