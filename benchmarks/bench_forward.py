@@ -161,13 +161,13 @@ def measure(threads: int, dtype_names: list[str], sizes: list[int], context: int
     results = []
     for d in dtype_names:
         weights = weight_bytes(models[d])
-        # int8 weights take float32's tile choice (csrc/cpu/linear.cpp)
-        plan = ops.small_row_plan(dtypes[d])._asdict() if ops.native_available() else None
+        # int8 weights take float32's tuning (csrc/cpu/linear.cpp)
+        plan = ops.linear_plan(dtypes[d])._asdict() if ops.native_available() else None
         results.append(dict(threads=threads, dtype=d, weight_mb=weights / 2**20,
                             weight_read_limit_ms=weights / (bandwidth * 1e9) * 1e3,
                             median_ms={f"{name}|{n}": statistics.median(t)
                                        for (dd, name, n), t in times.items() if dd == d},
-                            small_row_plan=plan))
+                            linear_plan=plan))
     return results
 
 
@@ -183,10 +183,11 @@ def table(result: dict, names: list[str], sizes: list[int]) -> str:
             ms, one = result["median_ms"][f"{name}|{n}"], result["median_ms"][f"{name}|1"]
             cells.append(f"{ms:.1f} ({ms / one:.2f})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    plan = result["small_row_plan"]
+    plan = result["linear_plan"]
     if plan:
         lines.append(f"ops.linear at 1-{len(plan['pays'])} rows (measured on this machine): {plan['pays']}, "
-                     f"{'tall' if plan['tall_tiles'] else 'wide'} tiles")
+                     f"{'tall' if plan['tall_tiles'] else 'wide'} tiles, next tile prefetched "
+                     f"{'into L2' if plan['prefetch_l2'] else 'non-temporally'}")
     one = result["median_ms"]["cllm_rt|1"]
     lines.append(f"one-token cllm_rt forward at {result['weight_read_limit_ms'] / one:.0%} of the weight-read limit")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Where cllm_rt keeps what it makes once per machine: converted models (``models.py``) and the measured
-linear plans (``ops.small_row_plan``)."""
+linear plans (``ops.linear_plan``)."""
 
 from __future__ import annotations
 

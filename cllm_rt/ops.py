@@ -89,35 +89,63 @@ def cpu_has_amx_bf16() -> bool:
 # Below LINEAR_MIN_ROWS (a one-token step, a tree of 2-3 nodes) the winner depends on the CPU: on an AMD EPYC
 # family 26 (Zen 5) ops.linear won at every row count (1 thread: 31 vs 26 ms at 1 row, 48 vs 23 at 2, 61 vs 21
 # at 3; 2 threads, where torch's one-row GEMV stays on one thread: 31 vs 16, 48 vs 15, 63 vs 15), so those rows
-# are measured on the machine at hand (:func:`small_row_plan`).
+# are measured on the machine at hand (:func:`linear_plan`), and so is one tree's row count (_PREFETCH_ROWS), which
+# decides the rows from LINEAR_MIN_ROWS on: the CPUs above have never lost there, but a new one might.
 LINEAR_MIN_ROWS = 4
 LINEAR_MAX_ROWS = 24 if getattr(_C, "AVX512", 0) else 16
 # ops.linear takes a small-row call only when it measured at least this much faster than torch's: a near tie,
 # where a rerun of the measurement could decide either way, stays with torch.
 _SMALL_ROW_MARGIN = 0.9
+# The kernel prefetches its next weight tile into L2 only when that measured at least this much faster than
+# non-temporally: what non-temporal prefetches save the rest of a decoding step (the KV cache and activations
+# left in L2: 8 % of a SmolLM2 step on a Zen 5) does not show in a linear-only measurement.
+_PREFETCH_L2_MARGIN = 0.8
+# The row count at which the prefetch target is measured: a tree's forward, whose tiles take several passes.
+_PREFETCH_ROWS = 8
+# Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
+_PLAN_METHOD = 2
 
 
-class SmallRowPlan(NamedTuple):
-    """What :func:`small_row_plan` measured for one dtype and thread count: whether ops.linear's tall tiles
-    (csrc/cpu/linear.h) beat its wide ones at 1-2 rows, whether ops.linear then beats torch's linear at
-    1 .. LINEAR_MIN_ROWS - 1 rows (``pays[rows - 1]``), and the medians behind it (``ms``: name -> ms)."""
+class LinearPlan(NamedTuple):
+    """What :func:`linear_plan` measured for one dtype and thread count: whether ops.linear prefetches its next
+    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), whether its tall tiles beat its wide
+    ones at 1-2 rows, whether ops.linear then beats torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows
+    (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the medians behind it (``ms``:
+    name -> ms)."""
+    prefetch_l2: bool
     tall_tiles: bool
     pays: tuple[bool, ...]
+    tree_pays: bool
     ms: dict
 
 
-def small_row_plan(dtype: torch.dtype) -> SmallRowPlan:
-    """The small-row route for ``dtype`` at the current torch thread count (see :func:`_measure_small_rows`),
-    measured once per machine and kept in the cache directory (:func:`_plan_file`), so that every process on a
-    machine routes alike and float32 results do not depend on which process ran; also sets ops.linear's tile
-    choice for ``dtype`` to the faster one. Delete the file to measure again."""
+def linear_plan(dtype: torch.dtype) -> LinearPlan:
+    """The CPU linear route and tuning for ``dtype`` at the current torch thread count (see
+    :func:`_measure_plan`), measured once per machine and kept in the cache directory (:func:`_plan_file`), so
+    that every process on a machine routes alike and float32 results do not depend on which process ran; also
+    sets ops.linear's prefetch and tile choices for ``dtype`` to the faster ones. Delete the file to measure
+    again."""
     if _C is None:
-        raise RuntimeError("small_row_plan measures the native linear kernel: build the extension first")
+        raise RuntimeError("linear_plan measures the native linear kernel: build the extension first")
     if dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        raise ValueError(f"small_row_plan: dtype must be float32, float64 or bfloat16, got {dtype}")
-    plan = _small_rows(dtype, torch.get_num_threads())
-    _C.set_linear_tall_tile_rows(str(dtype).removeprefix("torch."), 2 if plan.tall_tiles else 0)
+        raise ValueError(f"linear_plan: dtype must be float32, float64 or bfloat16, got {dtype}")
+    return _plan_in_force(dtype)
+
+
+def _plan_in_force(dtype: torch.dtype) -> LinearPlan:
+    """linear_plan without its checks, for every routed call: sets the kernel's tuning only when it changes."""
+    plan = _cached_plan(dtype, torch.get_num_threads())
+    if _tuning_set.get(dtype) != (plan.tall_tiles, plan.prefetch_l2):
+        _set_tuning(dtype, plan.tall_tiles, plan.prefetch_l2)
     return plan
+
+
+_tuning_set: dict = {}  # dtype -> (tall_tiles, prefetch_l2): what the kernel was last told
+
+
+def _set_tuning(dtype: torch.dtype, tall_tiles: bool, prefetch_l2: bool) -> None:
+    _C.set_linear_tuning(str(dtype).removeprefix("torch."), 2 if tall_tiles else 0, prefetch_l2)
+    _tuning_set[dtype] = (tall_tiles, prefetch_l2)
 
 
 def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
@@ -134,19 +162,20 @@ def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
     # the extension file's size and time: a rebuilt kernel (a new install) is measured again
     binary = os.stat(_C.__file__)
     build = (torch.__version__, getattr(_C, "AVX512", 0), getattr(_C, "BF16_PAIR_DOT", 0), LINEAR_MIN_ROWS,
-             binary.st_size, binary.st_mtime_ns)
+             binary.st_size, binary.st_mtime_ns, _PLAN_METHOD)
     machine = hashlib.sha256(f"{cpu}|{build}".encode()).hexdigest()[:16]
     name = str(dtype).removeprefix("torch.")
     return cache_dir() / "linear-plans" / f"{machine}-{name}-{threads}t.json"
 
 
-def _read_plan(path: pathlib.Path) -> SmallRowPlan:
+def _read_plan(path: pathlib.Path) -> LinearPlan:
     fields = json.loads(path.read_text())
-    return SmallRowPlan(bool(fields["tall_tiles"]), tuple(map(bool, fields["pays"])), dict(fields["ms"]))
+    return LinearPlan(bool(fields["prefetch_l2"]), bool(fields["tall_tiles"]), tuple(map(bool, fields["pays"])),
+                      bool(fields["tree_pays"]), dict(fields["ms"]))
 
 
 @functools.cache
-def _small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
+def _cached_plan(dtype: torch.dtype, threads: int) -> LinearPlan:
     """The plan kept for this machine, else measured now and kept. Processes measuring at once (a torchrun
     launch) each measure; the first to publish its file wins and the others read it back."""
     path = _plan_file(dtype, threads)
@@ -154,7 +183,7 @@ def _small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
         return _read_plan(path)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    plan = _measure_small_rows(dtype)
+    plan = _measure_plan(dtype)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -173,56 +202,94 @@ def _small_rows(dtype: torch.dtype, threads: int) -> SmallRowPlan:
         return plan  # no writable cache: this process's own measurement
 
 
-def _measure_small_rows(dtype: torch.dtype) -> SmallRowPlan:
-    """Times ops.linear (tall and wide tiles) and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows on weights of
-    2 x 64 MiB, used alternately so that every call streams its weight from memory as a decoding step does
-    (0.15-0.3 s on a Zen 5). Medians of 5 interleaved calls."""
-    K = 1024
-    weights = [torch.full((64 * 2**20 // (K * torch.finfo(dtype).bits // 8), K), 0.5, dtype=dtype)
-               for _ in range(2)]
-    inputs = {rows: torch.full((rows, K), 0.25, dtype=dtype) for rows in range(1, LINEAR_MIN_ROWS)}
-    name = str(dtype).removeprefix("torch.")
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports for CPU 0 (0 where it reports none)."""
+    sizes = [0]
+    for index in pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            sizes.append(int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]] if size[-1] in "KM" else int(size))
+        except (OSError, ValueError):
+            pass
+    return max(sizes)
 
-    def ours(tall: bool, rows: int):
-        def run(weight):
-            _C.set_linear_tall_tile_rows(name, 2 if tall else 0)
-            torch.ops.cllm_rt.linear(inputs[rows], [weight], [None])
+
+def _measure_plan(dtype: torch.dtype) -> LinearPlan:
+    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the faster one, its tall and
+    wide tiles and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and torch's at _PREFETCH_ROWS. Each call runs
+    a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x 576): the two halves of a set in turn,
+    each half at least the size of the last-level cache and of 32 MiB, so every call streams its weights from
+    memory as a decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
+    model 167) it measured torch's bf16 linear ahead at 8 rows (30 vs 31 ms), where on SmolLM2's layers and on
+    this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 5 interleaved calls; ~0.5 s on a Zen 5, ~5 s on
+    that Xeon's 480 MiB of L3."""
+    N, K = 1536, 576
+    count = 2 * max(32 * 2**20, _last_level_cache_bytes()) // (N * K * dtype.itemsize) + 2
+    matrices = torch.full((count, N, K), 0.5, dtype=dtype).unbind()
+    weights = [matrices[: count // 2], matrices[count // 2:]]
+    inputs = {rows: torch.full((rows, K), 0.25, dtype=dtype)
+              for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)}
+
+    def medians(candidates: dict) -> dict:
+        times = {key: [] for key in candidates}
+        with torch.inference_mode():
+            for round_ in range(6):  # the first round warms up
+                for call, (key, run) in enumerate(candidates.items()):
+                    start = time.perf_counter()
+                    run(weights[call % 2])
+                    if round_:
+                        times[key].append((time.perf_counter() - start) * 1e3)
+        return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+
+    def ours(rows: int, tall: bool = False, prefetch_l2: bool = False):
+        def run(half):
+            _set_tuning(dtype, tall, prefetch_l2)
+            for weight in half:
+                torch.ops.cllm_rt.linear(inputs[rows], [weight], [None])
         return run
 
+    def torch_linear(rows: int):
+        def run(half):
+            for weight in half:
+                F.linear(inputs[rows], weight)
+        return run
+
+    ms = medians({f"{target} {_PREFETCH_ROWS}": ours(_PREFETCH_ROWS, prefetch_l2=target == "l2")
+                  for target in ("non-temporal", "l2")})
+    prefetch_l2 = ms[f"l2 {_PREFETCH_ROWS}"] < _PREFETCH_L2_MARGIN * ms[f"non-temporal {_PREFETCH_ROWS}"]
     # tall tiles hold at most 2 rows, so 3 rows always take wide ones
-    candidates = {f"{tiles} {rows}": ours(tiles == "tall", rows) for tiles in ("tall", "wide") for rows in (1, 2)}
-    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(False, LINEAR_MIN_ROWS - 1)
-    candidates.update({f"torch {rows}": functools.partial(lambda rows, w: F.linear(inputs[rows], w), rows)
-                       for rows in inputs})
-    times = {key: [] for key in candidates}
-    with torch.inference_mode():
-        for round_ in range(6):  # the first round warms up
-            for call, (key, run) in enumerate(candidates.items()):
-                start = time.perf_counter()
-                run(weights[call % 2])
-                if round_:
-                    times[key].append((time.perf_counter() - start) * 1e3)
-    ms = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+    candidates = {f"{tiles} {rows}": ours(rows, tiles == "tall", prefetch_l2)
+                  for tiles in ("tall", "wide") for rows in (1, 2)}
+    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, False, prefetch_l2)
+    candidates.update({f"torch {rows}": torch_linear(rows) for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)})
+    ms |= medians(candidates)
     tall = ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"]
     pays = tuple(ms[f"{'tall' if tall and rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
-                 for rows in inputs)
-    return SmallRowPlan(tall, pays, ms)
+                 for rows in range(1, LINEAR_MIN_ROWS))
+    ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]
+    tree_pays = ours_at_tree < _SMALL_ROW_MARGIN * ms[f"torch {_PREFETCH_ROWS}"]
+    return LinearPlan(prefetch_l2, tall, pays, tree_pays, ms)
 
 
 def linear_pays(x: torch.Tensor) -> bool:
-    """Whether a linear layer over ``x`` [..., K] is faster through :func:`linear` than through torch's, on a CPU:
-    float32/float64/bf16 of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows (bf16 only where the CPU has no AMX: with
-    AMX torch's bf16 GEMM wins from 4 rows; SmolLM2's layers and head in bf16, Intel Xeon family 6 model 106,
-    no AVX512-BF16, 1 thread, torch vs ops.linear: 76 vs 51 ms at 2 rows, 86 vs 60 at 4, 126 vs 73 at 8), and
-    fewer rows where :func:`small_row_plan` measured it faster on this machine."""
+    """Whether a linear layer over ``x`` [..., K] is faster through :func:`linear` than through torch's, on a CPU,
+    as :func:`linear_plan` measured on this machine: float32/float64/bf16 calls of 1 .. LINEAR_MIN_ROWS - 1 rows
+    as measured at each count, and of LINEAR_MIN_ROWS to LINEAR_MAX_ROWS rows (a token tree's or a batch's
+    forward) where it measured ops.linear faster at _PREFETCH_ROWS; bf16 on a CPU with AMX only up to
+    _PREFETCH_ROWS rows, as torch's AMX GEMM costs nearly the same from 1 to 32 rows (SmolLM2's layers and head,
+    Xeon family 6 model 167, 1 thread, torch vs ops.linear: 43.7 vs 28.2 ms at 4 rows, 43.2 vs 36.8 at 8, 44.1
+    vs 62.2 at 16)."""
     if not (x.device.type == "cpu" and _native_kernels_enabled and _C is not None):
         return False
     rows = x.shape[:-1].numel()
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16) or not 1 <= rows <= LINEAR_MAX_ROWS:
         return False
+    plan = _plan_in_force(x.dtype)  # also sets the kernel's prefetch target, which every row count uses
     if rows < LINEAR_MIN_ROWS:
-        return small_row_plan(x.dtype).pays[rows - 1]
-    return x.dtype != torch.bfloat16 or not cpu_has_amx_bf16()
+        return plan.pays[rows - 1]
+    if x.dtype == torch.bfloat16 and cpu_has_amx_bf16():
+        return plan.tree_pays and rows <= _PREFETCH_ROWS
+    return plan.tree_pays
 
 
 def routed_linear(input: torch.Tensor, weights, biases) -> list[torch.Tensor]:

@@ -4,7 +4,7 @@
 // csrc/cuda); Python reaches them as torch.ops.cllm_rt.<op> once cllm_rt._C is
 // imported. The module holds constants: WITH_CUDA, BF16_PAIR_DOT and AVX512 telling which build
 // it is, and the kernels' limits (common.h), which cllm_rt/ops.py checks against; and one
-// function, set_linear_tall_tile_rows (cpu/linear.h), the CPU linear's tile choice that
+// function, set_linear_tuning (cpu/linear.h), the CPU linear's tile and prefetch choices that
 // cllm_rt/ops.py measures.
 #include <Python.h>
 #include <torch/library.h>
@@ -43,12 +43,13 @@ TORCH_LIBRARY(cllm_rt, m) {
   m.def("gumbel_uniform(Tensor seeds, Tensor positions, int vocab) -> Tensor");
 }
 
-static PyObject* set_linear_tall_tile_rows(PyObject*, PyObject* args) {
+static PyObject* set_linear_tuning(PyObject*, PyObject* args) {
   const char* dtype = nullptr;
-  long long rows = 0;
-  if (!PyArg_ParseTuple(args, "sL", &dtype, &rows)) return nullptr;
-  if (!cllm_rt::set_linear_tall_tile_rows(dtype, rows)) {
-    PyErr_Format(PyExc_ValueError, "set_linear_tall_tile_rows: no linear kernel for dtype %s", dtype);
+  long long tall_rows = 0;
+  int to_l2 = 0;
+  if (!PyArg_ParseTuple(args, "sLp", &dtype, &tall_rows, &to_l2)) return nullptr;
+  if (!cllm_rt::set_linear_tuning(dtype, tall_rows, to_l2 != 0)) {
+    PyErr_Format(PyExc_ValueError, "set_linear_tuning: no linear kernel for dtype %s", dtype);
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -56,8 +57,9 @@ static PyObject* set_linear_tall_tile_rows(PyObject*, PyObject* args) {
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
-      {"set_linear_tall_tile_rows", set_linear_tall_tile_rows, METH_VARARGS,
-       "set_linear_tall_tile_rows(dtype_name, rows): CPU linear calls of at most rows rows take tall tiles"},
+      {"set_linear_tuning", set_linear_tuning, METH_VARARGS,
+       "set_linear_tuning(dtype_name, tall_rows, prefetch_to_l2): CPU linear calls of at most tall_rows rows "
+       "take tall tiles; the next weight tile is prefetched into L2, else non-temporally"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);

@@ -13,88 +13,113 @@ from tiny_models import tiny_model
 native = pytest.mark.skipif(not ops.native_available(), reason="native extension not built")
 
 
-def plan(monkeypatch, *pays: bool):
-    """Pretend small_row_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) for every dtype."""
-    monkeypatch.setattr(ops, "small_row_plan", lambda dtype: ops.SmallRowPlan(False, pays, {}))
+def plan(monkeypatch, *pays: bool, tree_pays: bool = True):
+    """Pretend linear_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) and ``tree_pays`` for every dtype."""
+    monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: ops.LinearPlan(False, False, pays, tree_pays, {}))
 
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_small_row_plan_measures_every_small_row_count_once_and_follows_its_medians(dtype):
-    measured = ops.small_row_plan(dtype)
+def test_linear_plan_measures_every_choice_once_and_follows_its_medians(dtype):
+    measured = ops.linear_plan(dtype)
     ms = measured.ms
     assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1 and all(t > 0 for t in ms.values())
+    rows = ops._PREFETCH_ROWS
+    assert measured.prefetch_l2 == (ms[f"l2 {rows}"] < ops._PREFETCH_L2_MARGIN * ms[f"non-temporal {rows}"])
     assert measured.tall_tiles == (ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"])
     for rows, pays in enumerate(measured.pays, 1):
         ours = ms[f"tall {rows}"] if measured.tall_tiles and rows <= 2 else ms[f"wide {rows}"]
         assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
-    assert ops.small_row_plan(dtype) is measured  # cached per dtype and thread count
+    ours = ms[f"{'l2' if measured.prefetch_l2 else 'non-temporal'} {ops._PREFETCH_ROWS}"]
+    assert measured.tree_pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {ops._PREFETCH_ROWS}"])
+    assert ops.linear_plan(dtype) is measured  # cached per dtype and thread count
 
 
 @native
 def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("CLLM_RT_CACHE", str(tmp_path))
-    ops._small_rows.cache_clear()
+    ops._cached_plan.cache_clear()
     try:
-        measured = ops.small_row_plan(torch.float32)
+        measured = ops.linear_plan(torch.float32)
         path = ops._plan_file(torch.float32, torch.get_num_threads())
         assert path.parent == tmp_path / "linear-plans" and ops._read_plan(path) == measured
         # a plan another process published is the one every later process uses
-        other = ops.SmallRowPlan(not measured.tall_tiles, tuple(not p for p in measured.pays), {"torch 1": 1.0})
+        other = ops.LinearPlan(not measured.prefetch_l2, not measured.tall_tiles,
+                               tuple(not p for p in measured.pays), not measured.tree_pays, {"torch 1": 1.0})
         path.write_text(json.dumps(other._asdict()))
-        ops._small_rows.cache_clear()
-        assert ops.small_row_plan(torch.float32) == other
+        ops._cached_plan.cache_clear()
+        assert ops.linear_plan(torch.float32) == other
         # an unreadable file is measured again and replaced, leaving no scratch file
         path.write_text("{")
-        ops._small_rows.cache_clear()
-        again = ops.small_row_plan(torch.float32)
+        ops._cached_plan.cache_clear()
+        again = ops.linear_plan(torch.float32)
         assert ops._read_plan(path) == again and len(again.pays) == ops.LINEAR_MIN_ROWS - 1
         assert [p.name for p in path.parent.iterdir()] == [path.name]
         # no writable cache: the process's own measurement
         monkeypatch.setenv("CLLM_RT_CACHE", str(path))  # a file, not a directory
-        ops._small_rows.cache_clear()
-        assert len(ops.small_row_plan(torch.float32).pays) == ops.LINEAR_MIN_ROWS - 1
+        ops._cached_plan.cache_clear()
+        assert len(ops.linear_plan(torch.float32).pays) == ops.LINEAR_MIN_ROWS - 1
     finally:
-        ops._small_rows.cache_clear()  # later tests read the real cache again
+        ops._cached_plan.cache_clear()  # later tests read the real cache again
 
 
 @native
-def test_small_row_plan_refuses_a_dtype_without_a_kernel():
+def test_linear_plan_refuses_a_dtype_without_a_kernel():
     with pytest.raises(ValueError, match="float32, float64 or bfloat16, got torch.float16"):
-        ops.small_row_plan(torch.float16)
+        ops.linear_plan(torch.float16)
 
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_the_tile_choice_does_not_change_a_bit(dtype):
-    """Tall and wide tiles sum each output in the same order (csrc/cpu/linear.h), so the measured choice
-    cannot change a token."""
-    x, weights = torch.randn(2, 200, dtype=dtype), [torch.randn(50, 200, dtype=dtype), torch.randn(7, 200, dtype=dtype)]
-    name = str(dtype).removeprefix("torch.")
+def test_the_tuning_does_not_change_a_bit(dtype):
+    """Tall and wide tiles sum each output in the same order, and a prefetch only moves data (csrc/cpu/linear.h),
+    so the measured choices cannot change a token."""
+    x, weights = torch.randn(9, 200, dtype=dtype), [torch.randn(50, 200, dtype=dtype), torch.randn(7, 200, dtype=dtype)]
     try:
-        ops._C.set_linear_tall_tile_rows(name, 2)
-        tall = [ops.linear(x[:rows], weights) for rows in (1, 2)]
-        ops._C.set_linear_tall_tile_rows(name, 0)
-        wide = [ops.linear(x[:rows], weights) for rows in (1, 2)]
+        results = {}
+        for tall in (True, False):
+            for prefetch_l2 in (True, False):
+                ops._set_tuning(dtype, tall, prefetch_l2)
+                results[tall, prefetch_l2] = [ops.linear(x[:rows], weights) for rows in (1, 2, 9)]
     finally:
-        ops.small_row_plan(dtype)  # the measured choice again
-    for a, b in zip(tall, wide):
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert torch.equal(tall[0][0][0], tall[1][0][0])  # and a row's bits do not depend on the other rows
+        ops.linear_plan(dtype)  # the measured choice again
+    first = results[True, True]
+    for other in results.values():
+        for a, b in zip(first, other):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for rows in (1, 2):  # and a row's bits do not depend on the other rows
+        assert torch.equal(first[rows - 1][0][0], first[2][0][0])
     with pytest.raises(ValueError, match="no linear kernel for dtype int8"):
-        ops._C.set_linear_tall_tile_rows("int8", 2)
+        ops._C.set_linear_tuning("int8", 2, False)
+
+
+@native
+def test_every_routed_call_runs_with_the_plan_s_tuning():
+    """The prefetch target applies to every row count, so a routed call of a tree's rows sets the plan's tuning
+    too, not only the few-row calls that read ``pays``."""
+    measured = ops.linear_plan(torch.float32)
+    try:
+        ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
+        assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16))
+        assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
+    finally:
+        ops.linear_plan(torch.float32)
 
 
 @native
 @pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
-def test_bf16_trees_route_where_the_cpu_has_no_amx(amx, monkeypatch):
+def test_bf16_trees_route_as_measured_and_with_amx_only_up_to_8_rows(amx, monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_amx_bf16", lambda: amx)
     plan(monkeypatch, True, False, True)
-    for rows in (ops.LINEAR_MIN_ROWS, ops.LINEAR_MAX_ROWS):
-        assert ops.linear_pays(torch.randn(rows, 16, dtype=torch.bfloat16)) == (not amx)
+    def pays(rows):
+        return ops.linear_pays(torch.randn(rows, 16, dtype=torch.bfloat16))
+    assert pays(ops.LINEAR_MIN_ROWS) and pays(ops._PREFETCH_ROWS)
+    assert pays(ops._PREFETCH_ROWS + 1) == pays(ops.LINEAR_MAX_ROWS) == (not amx)
     # fewer rows as measured, whatever the CPU
-    assert [ops.linear_pays(torch.randn(rows, 16, dtype=torch.bfloat16)) for rows in (1, 2, 3)] == [True, False, True]
-    assert not ops.linear_pays(torch.randn(ops.LINEAR_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
+    assert [pays(rows) for rows in (1, 2, 3)] == [True, False, True]
+    assert not pays(ops.LINEAR_MAX_ROWS + 1)
+    plan(monkeypatch, True, False, True, tree_pays=False)  # torch measured faster at a tree's rows
+    assert not pays(ops.LINEAR_MIN_ROWS) and not pays(ops._PREFETCH_ROWS) and pays(1)
 
 
 @native
@@ -108,6 +133,9 @@ def test_linear_pays_for_a_tree_s_rows_few_rows_as_measured_never_a_prompt_s(dty
     assert not ops.linear_pays(x(1, 1)) and not ops.linear_pays(x(ops.LINEAR_MIN_ROWS - 1))
     plan(monkeypatch, True, False, True)
     assert ops.linear_pays(x(1, 1)) and not ops.linear_pays(x(1, 2)) and ops.linear_pays(x(3, 1))
+    plan(monkeypatch, True, True, True, tree_pays=False)
+    assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS)) and ops.linear_pays(x(1))
+    plan(monkeypatch, True, False, True)
     assert not ops.linear_pays(x(1, ops.LINEAR_MAX_ROWS + 1)) and not ops.linear_pays(x(0, 1))
     assert not ops.linear_pays(x(ops.LINEAR_MIN_ROWS).half())
     monkeypatch.setattr(ops, "_native_kernels_enabled", False)
@@ -143,16 +171,16 @@ def test_a_float_model_routes_a_tree_s_rows_and_keeps_torch_for_one_token_where_
 
 
 @native
-def test_int8_weights_follow_float32_s_tile_choice_and_it_does_not_change_a_bit():
+def test_int8_weights_follow_float32_s_tuning_and_it_does_not_change_a_bit():
     g = torch.Generator().manual_seed(0)
     x, q = torch.randn(2, 200, generator=g), torch.randint(-127, 128, (50, 200), generator=g, dtype=torch.int8)
     scale = torch.rand(50, generator=g)
     try:
-        ops._C.set_linear_tall_tile_rows("float32", 2)
+        ops._set_tuning(torch.float32, True, True)
         tall = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
-        ops._C.set_linear_tall_tile_rows("float32", 0)
+        ops._set_tuning(torch.float32, False, False)
         wide = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
     finally:
-        ops.small_row_plan(torch.float32)  # the measured choice again
+        ops.linear_plan(torch.float32)  # the measured choice again
     assert all(torch.equal(a, b) for a, b in zip(tall, wide))
     assert torch.equal(tall[0][0], tall[1][0])

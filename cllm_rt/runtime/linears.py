@@ -1,11 +1,11 @@
 """Routing a Hugging Face model's linear layers through ``cllm_rt.ops.linear`` where that is faster.
 
-Where: :func:`cllm_rt.ops.linear_pays` decides per call: float32/float64 calls of ``ops.LINEAR_MIN_ROWS`` to
-``ops.LINEAR_MAX_ROWS`` rows (a token tree's or a batch's forward: the weights are read once for all its rows,
-where torch's small-row GEMM re-reads them per row), bf16 calls of as many rows where the CPU has no AMX, and
-fewer rows (a one-token step, a tree of 2-3 nodes) where :func:`cllm_rt.ops.small_row_plan` measured
-``ops.linear`` faster on this machine. Every other call (a prefill), and every model on another device, runs
-torch's own linear as before. The llama family's decoding step does not use this route: its own forward
+Where: :func:`cllm_rt.ops.linear_pays` decides per call, from what :func:`cllm_rt.ops.linear_plan` measured on this
+machine: float32/float64/bf16 calls of ``ops.LINEAR_MIN_ROWS`` to ``ops.LINEAR_MAX_ROWS`` rows (a token tree's or a
+batch's forward: the weights are read once for all its rows, where torch's small-row GEMM re-reads them per row;
+bf16 only up to 8 rows where the CPU has AMX), and fewer rows (a one-token step, a tree of 2-3 nodes) where it
+measured ``ops.linear`` faster. Every other call (a prefill), and every model on another device, runs torch's own
+linear as before. The llama family's decoding step does not use this route: its own forward
 (``runtime/compact.py``) asks ``ops.linear_pays`` itself. The float64 exactness tests run through both: their
 trees and batches have those row counts.
 

@@ -63,9 +63,11 @@ constexpr int kMaxMR = std::max(kMR, kFewMR), kMaxNR = std::max(kNR, kFewNR);
 constexpr int64_t kBlockRows = 24;  // weight rows per parallel task: a multiple of kNR and kFewNR
 static_assert(kBlockRows % kNR == 0 && kBlockRows % kFewNR == 0);
 
-// The most rows that take tall tiles, per input dtype (set_linear_tall_tile_rows).
+// Per input dtype (set_linear_tuning): the most rows that take tall tiles, and whether the next
+// weight tile is prefetched into L2 rather than non-temporally (Prefetch).
 constexpr const char* kDtypeNames[] = {"float32", "float64", "bfloat16", "float16"};
 std::atomic<int64_t> tall_tile_rows[4] = {kFewMR, kFewMR, kFewMR, kFewMR};
+std::atomic<bool> prefetch_to_l2[4] = {false, false, false, false};
 
 template <typename scalar_t>
 constexpr int dtype_index() {
@@ -152,18 +154,27 @@ inline auto reduce_lanes(Vec v) {
 
 // The next weight tile, requested a few lines per k step while this one computes: a core busy
 // with the FMAs of a wide tile issues no demand loads for the next one, and memory would idle.
-// Non-temporal (hint 0): each weight is read once per step, and fetched into L2 it pushed out what
-// the step reuses (the KV cache, the activations, the code of the ops between the linears).
-// Measured against hint 2 (Zen 5, SmolLM2 float32 step, interleaved): 1 thread 22.8 -> 21.0 and
-// 23.5 -> 21.8 ms at one token, 26.3 -> 21.7 at two; one-token attention after the linears
-// ~70 -> ~57 us a layer; bf16 unchanged.
+// Where to: which is faster depends on the CPU, so cllm_rt.ops measures it (linear.h).
+// - Non-temporal (hint 0): each weight is read once per step, and fetched into L2 it pushed out
+//   what the step reuses (the KV cache, the activations, the code of the ops between the linears).
+//   Against L2 (Zen 5, SmolLM2 float32 step, interleaved): 1 thread 22.8 -> 21.0 and
+//   23.5 -> 21.8 ms at one token, 26.3 -> 21.7 at two; one-token attention after the linears
+//   ~70 -> ~57 us a layer; bf16 unchanged.
+// - L2 (hint 2): on an Intel Xeon with AMX (family 6 model 167), non-temporal lines reached L1
+//   only and were gone before a tile's next pass needed them: SmolLM2's float32 layers at 8 rows
+//   took 66 ms non-temporal, 31 with L2 (64 weights of 3.5 MB streamed, 1 thread).
 struct Prefetch {
   const char* next;  // nullptr: nothing to fetch
   int64_t bytes;
+  bool to_l2;  // else non-temporal
   // Step `step` of a tile's k loop asks for lines [step * count, (step + 1) * count).
   inline void lines(int64_t step, int count) const {
     for (int64_t offset = step * count * 64; count > 0 && offset < bytes; --count, offset += 64) {
-      __builtin_prefetch(next + offset, 0, 0);
+      if (to_l2) {
+        __builtin_prefetch(next + offset, 0, 2);
+      } else {
+        __builtin_prefetch(next + offset, 0, 0);
+      }
     }
   }
 };
@@ -311,8 +322,9 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
   std::vector<acc_t> xbuf(kWidenTiles ? R * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
   const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
-  // int8 weights take their input dtype's tile choice (it only moves the speed, never a bit)
+  // int8 weights take their input dtype's tuning (it only moves the speed, never a bit)
   const bool few = R <= std::min<int64_t>(kFewMR, tall_tile_rows[dtype_index<scalar_t>()]);
+  const bool to_l2 = prefetch_to_l2[dtype_index<scalar_t>()];
   const int64_t tile_rows = few ? kFewMR : kMR, tile_cols = few ? kFewNR : kNR;
 
   // Tasks: kBlockRows-row blocks of every weight, numbered across the weights.
@@ -352,7 +364,7 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
           const int64_t rows = std::min(tile_rows, R - r0);
           const Prefetch prefetch{!kWidenTiles && r0 == 0 && ahead > 0
                                       ? reinterpret_cast<const char*>(w_src + cols * K) : nullptr,
-                                  ahead * static_cast<int64_t>(sizeof(weight_t))};
+                                  ahead * static_cast<int64_t>(sizeof(weight_t)), to_l2};
           if (few) {
             tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
                                  w_tail, prefetch, out);
@@ -376,10 +388,11 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
 
 }  // namespace
 
-bool set_linear_tall_tile_rows(const char* dtype, int64_t rows) {
+bool set_linear_tuning(const char* dtype, int64_t tall_rows, bool to_l2) {
   for (int i = 0; i < 4; ++i) {
     if (std::strcmp(dtype, kDtypeNames[i]) == 0) {
-      tall_tile_rows[i] = rows;
+      tall_tile_rows[i] = tall_rows;
+      prefetch_to_l2[i] = to_l2;
       return true;
     }
   }
