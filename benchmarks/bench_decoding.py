@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--domains", nargs="+", default=["math", "code", "sql", "chat"])
+    parser.add_argument("--domains", nargs="+", choices=data.DOMAINS, default=["math", "code", "sql", "chat"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=data.default_data_dir())

@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=OURS + list(PEERS), choices=OURS + list(PEERS))
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts per domain")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--domains", nargs="+", default=["math", "code", "sql"])
+    parser.add_argument("--domains", nargs="+", choices=data.DOMAINS, default=["math", "code", "sql"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=data.default_data_dir())
     parser.add_argument("--seed", type=int, default=0)

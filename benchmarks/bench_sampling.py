@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.7, 1.0])
     parser.add_argument("--prompts", type=int, default=2, help="held-out prompts per domain")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--domains", nargs="+", default=["chat", "math"])
+    parser.add_argument("--domains", nargs="+", choices=data.DOMAINS, default=["chat", "math"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=data.default_data_dir())
