@@ -94,13 +94,18 @@ def test_the_tuning_does_not_change_a_bit(dtype):
 
 
 @native
-def test_every_routed_call_runs_with_the_plan_s_tuning():
+def test_every_routed_call_and_int8_linear_runs_with_the_plan_s_tuning():
     """The prefetch target applies to every row count, so a routed call of a tree's rows sets the plan's tuning
     too, not only the few-row calls that read ``pays``."""
     measured = ops.linear_plan(torch.float32)
     try:
         ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
         assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16))
+        assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
+        # and an int8 model's linears, which call the kernel directly
+        ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
+        q, scale = torch.ones(4, 16, dtype=torch.int8), torch.ones(4)
+        ops.linear_int8_unchecked(torch.randn(1, 16), [q], [scale], [None])
         assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
     finally:
         ops.linear_plan(torch.float32)
