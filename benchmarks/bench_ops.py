@@ -188,7 +188,10 @@ def lm_head_argmax_cases(device, quick):
 
 
 def linear_cases(device, quick):
-    """SmolLM2's gate/up projections (2 x 1,536 x 576) for a step's rows: ours against torch's (cuBLAS on a GPU)."""
+    """SmolLM2's gate/up projections (2 x 1,536 x 576) for a step's rows: ours against torch's (cuBLAS on a GPU),
+    ours with the tuning the decoding step uses (ops.linear_plan)."""
+    if device.type == "cpu" and ops.native_available():
+        ops.linear_plan(torch.float32)
     for rows in (1, 8) if quick else (1, 4, 8, 16, 64):
         x = torch.randn(rows, 576, device=device)
         weights = [torch.randn(1536, 576, device=device) / 24 for _ in range(2)]

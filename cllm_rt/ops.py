@@ -103,7 +103,7 @@ _PREFETCH_L2_MARGIN = 0.8
 # The row count at which the prefetch target is measured: a tree's forward, whose tiles take several passes.
 _PREFETCH_ROWS = 8
 # Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
-_PLAN_METHOD = 2
+_PLAN_METHOD = 3
 
 
 class LinearPlan(NamedTuple):
@@ -202,30 +202,35 @@ def _cached_plan(dtype: torch.dtype, threads: int) -> LinearPlan:
         return plan  # no writable cache: this process's own measurement
 
 
-def _last_level_cache_bytes() -> int:
-    """The largest CPU cache Linux reports for CPU 0 (0 where it reports none)."""
+def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest CPU cache Linux reports for CPU 0 in ``caches`` (0 where it reports none)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = [0]
-    for index in pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+    for index in pathlib.Path(caches).glob("index*"):
         try:
             size = (index / "size").read_text().strip()
-            sizes.append(int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]] if size[-1] in "KM" else int(size))
-        except (OSError, ValueError):
+            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size))
+        except (OSError, ValueError):  # unreadable, empty or not a size
             pass
     return max(sizes)
 
 
 def _measure_plan(dtype: torch.dtype) -> LinearPlan:
-    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the faster one, its tall and
+    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the chosen one, its tall and
     wide tiles and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and torch's at _PREFETCH_ROWS. Each call runs
     a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x 576): the two halves of a set in turn,
-    each half at least the size of the last-level cache and of 32 MiB, so every call streams its weights from
-    memory as a decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
+    each half the size of the last-level cache (at least 32 MiB, at most 512 MiB: up to 1 GiB allocated while it
+    measures), so every call streams its weights from memory as a decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
     model 167) it measured torch's bf16 linear ahead at 8 rows (30 vs 31 ms), where on SmolLM2's layers and on
     this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 5 interleaved calls; ~0.5 s on a Zen 5, ~5 s on
     that Xeon's 480 MiB of L3."""
     N, K = 1536, 576
-    count = 2 * max(32 * 2**20, _last_level_cache_bytes()) // (N * K * dtype.itemsize) + 2
-    matrices = torch.full((count, N, K), 0.5, dtype=dtype).unbind()
+    half_bytes = min(max(32 * 2**20, _last_level_cache_bytes()), 512 * 2**20)
+    try:
+        matrices = torch.full((2 * half_bytes // (N * K * dtype.itemsize) + 2, N, K), 0.5, dtype=dtype).unbind()
+    except (RuntimeError, MemoryError):  # no memory for that many: the smallest set, which may hit in cache
+        matrices = torch.full((2 * 32 * 2**20 // (N * K * dtype.itemsize) + 2, N, K), 0.5, dtype=dtype).unbind()
+    count = len(matrices)
     weights = [matrices[: count // 2], matrices[count // 2:]]
     inputs = {rows: torch.full((rows, K), 0.25, dtype=dtype)
               for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)}
@@ -236,7 +241,7 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
             for round_ in range(6):  # the first round warms up
                 for call, (key, run) in enumerate(candidates.items()):
                     start = time.perf_counter()
-                    run(weights[call % 2])
+                    run(weights[(round_ * len(candidates) + call) % 2])  # never the half the last call read
                     if round_:
                         times[key].append((time.perf_counter() - start) * 1e3)
         return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
@@ -266,7 +271,7 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     tall = ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"]
     pays = tuple(ms[f"{'tall' if tall and rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
                  for rows in range(1, LINEAR_MIN_ROWS))
-    ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]
+    ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]  # the first batch's median
     tree_pays = ours_at_tree < _SMALL_ROW_MARGIN * ms[f"torch {_PREFETCH_ROWS}"]
     return LinearPlan(prefetch_l2, tall, pays, tree_pays, ms)
 
@@ -735,7 +740,9 @@ def linear(input: torch.Tensor, weights, biases=None) -> list[torch.Tensor]:
 
     weights [N_i, K] and biases ([N_i] or None; ``None`` for all: no biases) of input's dtype; products
     accumulate in float32 (float64 for float64). The CPU kernel reads each weight once for all rows, and a
-    row's result does not depend on the other rows of the call (the same bits for 1 row or 64).
+    row's result does not depend on the other rows of the call (the same bits for 1 row or 64). It runs with the
+    tile and prefetch choices last set for the input's dtype (the decoding step and int8 models set those
+    :func:`linear_plan` measured; call it first to time this op as they run it); they never change a bit.
     """
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
@@ -767,7 +774,7 @@ def linear_int8_unchecked(input: torch.Tensor, weights, scales, biases) -> list[
     an int8 model's linears call, ~3 us a call less (as :func:`routed_linear`), with the tuning :func:`linear_plan`
     measured for the input's dtype on a CPU (int8 tiles prefetch at every row count, a one-token step's too)."""
     if _native_kernel_for(input.device):
-        if input.device.type == "cpu":
+        if input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64):  # else C++ refuses it
             _plan_in_force(input.dtype)
         return list(torch.ops.cllm_rt.linear_int8(input, list(weights), list(scales), list(biases)))
     return linear_int8(input, weights, scales, biases)

@@ -63,6 +63,16 @@ def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path
         ops._cached_plan.cache_clear()  # later tests read the real cache again
 
 
+def test_the_last_level_cache_is_read_from_sysfs_and_odd_sizes_are_skipped(tmp_path):
+    for name, size in (("index0", "48K"), ("index2", "2M"), ("index3", "1G"), ("index4", ""), ("index5", "big")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert ops._last_level_cache_bytes(str(tmp_path)) == 2**30
+    (tmp_path / "index3" / "size").write_text("32768K")
+    assert ops._last_level_cache_bytes(str(tmp_path)) == 32 * 2**20
+    assert ops._last_level_cache_bytes(str(tmp_path / "none")) == 0
+
+
 @native
 def test_linear_plan_refuses_a_dtype_without_a_kernel():
     with pytest.raises(ValueError, match="float32, float64 or bfloat16, got torch.float16"):
@@ -100,7 +110,7 @@ def test_every_routed_call_and_int8_linear_runs_with_the_plan_s_tuning():
     measured = ops.linear_plan(torch.float32)
     try:
         ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
-        assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16))
+        assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16)) == measured.tree_pays
         assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
         # and an int8 model's linears, which call the kernel directly
         ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
