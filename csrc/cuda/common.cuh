@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "../common.h"  // ArgMax, merge_argmax, RunningArgMax: the CPU kernels' rules too
@@ -71,31 +72,40 @@ __host__ __device__ __forceinline__ bool aligned16(const void* p) {
 // This lane's share of kRows dot products of one weight row w[0..K) with the input rows
 // x[j*K ..] for j < rows: dot[j] += w[k] * x[j][k] over the k this lane strides (the 32
 // lanes of a warp split K; 16-byte loads where `vectorized`). A warp_sum finishes each.
-// The order of the sum depends on neither kRows nor rows.
-template <int kRows, typename T>
-__device__ __forceinline__ void lane_dots(const T* __restrict__ w, const T* __restrict__ x, int64_t K,
+// The order of the sum depends on neither kRows nor rows. Weights are of x's type W = T, or
+// int8 (W = int8_t: converted exactly, one element per lane: their rows are a quarter of
+// float32's bytes, so 16-byte loads would leave most lanes idle at K of a few hundred).
+template <int kRows, typename T, typename W>
+__device__ __forceinline__ void lane_dots(const W* __restrict__ w, const T* __restrict__ x, int64_t K,
                                           int64_t rows, bool vectorized, int lane,
                                           Acc<T> (&dot)[kRows]) {
-  constexpr int kPack = Pack16<T>::kSize;
-  if (vectorized) {
-    for (int64_t k = lane * kPack; k < K; k += 32 * kPack) {
-      const Pack16<T> wp = load16(w + k);
+  if constexpr (std::is_same_v<W, T>) {
+    constexpr int kPack = Pack16<T>::kSize;
+    if (vectorized) {
+      for (int64_t k = lane * kPack; k < K; k += 32 * kPack) {
+        const Pack16<T> wp = load16(w + k);
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        if (j < rows) {
-          const Pack16<T> xp = load16(x + j * K + k);
+        for (int j = 0; j < kRows; ++j) {
+          if (j < rows) {
+            const Pack16<T> xp = load16(x + j * K + k);
 #pragma unroll
-          for (int e = 0; e < kPack; ++e) dot[j] += to_acc(wp.v[e]) * to_acc(xp.v[e]);
+            for (int e = 0; e < kPack; ++e) dot[j] += to_acc(wp.v[e]) * to_acc(xp.v[e]);
+          }
         }
       }
+      return;
     }
-  } else {
-    for (int64_t k = lane; k < K; k += 32) {
-      const Acc<T> wk = to_acc(w[k]);
+  }
+  for (int64_t k = lane; k < K; k += 32) {
+    Acc<T> wk;
+    if constexpr (std::is_same_v<W, T>) {
+      wk = to_acc(w[k]);
+    } else {
+      wk = static_cast<Acc<T>>(w[k]);  // exact: every int8 is a float
+    }
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        if (j < rows) dot[j] += wk * to_acc(x[j * K + k]);
-      }
+    for (int j = 0; j < kRows; ++j) {
+      if (j < rows) dot[j] += wk * to_acc(x[j * K + k]);
     }
   }
 }

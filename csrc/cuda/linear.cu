@@ -17,16 +17,18 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerPass = 8;
 
-template <typename T>
+// out = (input @ weight.T) (* scale) (+ bias) for weight rows of T, or int8 with a scale per row
+// (scale: nullptr for T weights; each sum is scaled once, before the bias).
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads)
-    linear_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+    linear_kernel(const T* __restrict__ x, const W* __restrict__ weight, const T* __restrict__ scale,
                   const T* __restrict__ bias, int64_t R, int64_t K, int64_t N, bool vectorized,
                   T* __restrict__ out) {
   using acc_t = Acc<T>;
   const int lane = threadIdx.x % 32;
   const int64_t n = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
   if (n >= N) return;  // whole warps leave: warp_sum below needs all 32 lanes
-  const T* w = weight + n * K;
+  const W* w = weight + n * K;
   for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass) {
     const int64_t rows = min(int64_t(kRowsPerPass), R - r0);
     acc_t dot[kRowsPerPass] = {};
@@ -34,38 +36,9 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t b = bias ? to_acc(bias[n]) : acc_t(0);
 #pragma unroll
     for (int j = 0; j < kRowsPerPass; ++j) {
-      const acc_t sum = warp_sum(dot[j]);
+      acc_t sum = warp_sum(dot[j]);
+      if (scale) sum *= to_acc(scale[n]);
       if (lane == 0 && j < rows) out[(r0 + j) * N + n] = from_acc<T>(bias ? sum + b : sum);
-    }
-  }
-}
-
-// linear_kernel with int8 weights: lanes stride k one element at a time (the weight row is a
-// quarter of float32's bytes, so 16-byte loads would leave most lanes idle at K of a few hundred),
-// and each sum is scaled once at the end. Row invariance as above.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    linear_int8_kernel(const T* __restrict__ x, const int8_t* __restrict__ weight,
-                       const T* __restrict__ scale, const T* __restrict__ bias, int64_t R, int64_t K,
-                       int64_t N, T* __restrict__ out) {
-  const int lane = threadIdx.x % 32;
-  const int64_t n = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
-  if (n >= N) return;  // whole warps leave: warp_sum below needs all 32 lanes
-  const int8_t* w = weight + n * K;
-  for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass) {
-    const int64_t rows = min(int64_t(kRowsPerPass), R - r0);
-    T dot[kRowsPerPass] = {};
-    for (int64_t k = lane; k < K; k += 32) {
-      const T wk = static_cast<T>(w[k]);  // exact: every int8 is a float
-#pragma unroll
-      for (int j = 0; j < kRowsPerPass; ++j) {
-        if (j < rows) dot[j] += x[(r0 + j) * K + k] * wk;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kRowsPerPass; ++j) {
-      const T sum = warp_sum(dot[j]) * scale[n];
-      if (lane == 0 && j < rows) out[(r0 + j) * N + n] = bias ? sum + bias[n] : sum;
     }
   }
 }
@@ -80,8 +53,8 @@ cudaError_t linear(const void* input, const void* weight, const void* bias, DTyp
     const T* x = static_cast<const T*>(input);
     const T* w = static_cast<const T*>(weight);
     const bool vectorized = K * sizeof(T) % 16 == 0 && aligned16(x) && aligned16(w);
-    linear_kernel<T><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
-        x, w, static_cast<const T*>(bias), R, K, N, vectorized, static_cast<T*>(out));
+    linear_kernel<T, T><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
+        x, w, nullptr, static_cast<const T*>(bias), R, K, N, vectorized, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
@@ -91,9 +64,9 @@ cudaError_t linear_int8(const void* input, const int8_t* weight, const void* sca
   if (R == 0 || N == 0) return cudaSuccess;
   const auto launch = [&](auto tag) {
     using T = decltype(tag);
-    linear_int8_kernel<T><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
+    linear_kernel<T, int8_t><<<ceil_div(N, kWarps), kThreads, 0, stream>>>(
         static_cast<const T*>(input), weight, static_cast<const T*>(scale), static_cast<const T*>(bias), R,
-        K, N, static_cast<T*>(out));
+        K, N, /*vectorized=*/false, static_cast<T*>(out));
     return cudaGetLastError();
   };
   if (dtype == DType::kFloat32) return launch(float{});
