@@ -225,11 +225,14 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 5 interleaved calls; ~0.5 s on a Zen 5, ~5 s on
     that Xeon's 480 MiB of L3."""
     N, K = 1536, 576
-    half_bytes = min(max(32 * 2**20, _last_level_cache_bytes()), 512 * 2**20)
+
+    def matrix_set(half_bytes: int) -> tuple[torch.Tensor, ...]:
+        return torch.full((2 * half_bytes // (N * K * dtype.itemsize) + 2, N, K), 0.5, dtype=dtype).unbind()
+
     try:
-        matrices = torch.full((2 * half_bytes // (N * K * dtype.itemsize) + 2, N, K), 0.5, dtype=dtype).unbind()
+        matrices = matrix_set(min(max(32 * 2**20, _last_level_cache_bytes()), 512 * 2**20))
     except (RuntimeError, MemoryError):  # no memory for that many: the smallest set, which may hit in cache
-        matrices = torch.full((2 * 32 * 2**20 // (N * K * dtype.itemsize) + 2, N, K), 0.5, dtype=dtype).unbind()
+        matrices = matrix_set(32 * 2**20)
     count = len(matrices)
     weights = [matrices[: count // 2], matrices[count // 2:]]
     inputs = {rows: torch.full((rows, K), 0.25, dtype=dtype)
