@@ -323,7 +323,7 @@ def use_native_kernels(enabled: bool) -> None:
     _native_kernels_enabled = bool(enabled)
 
 
-def _native_kernel_for(device: torch.device) -> bool:
+def native_kernel_for(device: torch.device) -> bool:
     """Whether the ops run a compiled kernel for tensors on ``device`` (else the reference)."""
     if not _native_kernels_enabled or _C is None:
         return False
@@ -643,7 +643,7 @@ def jacobi_verify(logits: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tens
     _check_jacobi_verify(logits, block)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if _native_kernel_for(logits.device):
+    if native_kernel_for(logits.device):
         return tuple(torch.ops.cllm_rt.jacobi_verify(logits, block))
     return jacobi_verify_reference(logits, block)
 
@@ -667,7 +667,7 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     S_max = _check_attention(q, k_cache, v_cache, cache_lens, page_table)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _native_kernel_for(q.device):
+    if native_kernel_for(q.device):
         return torch.ops.cllm_rt.block_attention(q, k_cache, v_cache, cache_lens, scale, page_table)
     _check_kv_values("block_attention", cache_lens, q.shape[2], S_max, page_table, k_cache.shape[0])
     return block_attention_reference(q, k_cache, v_cache, cache_lens, scale, page_table)
@@ -691,7 +691,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """
     S_max = _check_tree_attention(q, k_cache, v_cache, cache_lens, parents, page_table)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _native_kernel_for(q.device):
+    if native_kernel_for(q.device):
         return torch.ops.cllm_rt.tree_attention(q, k_cache, v_cache, cache_lens, parents, scale, page_table)
     _check_kv_values("tree_attention", cache_lens, q.shape[2], S_max, page_table, k_cache.shape[0])
     _check_parents_values("tree_attention", parents)
@@ -720,7 +720,7 @@ def tree_verify(greedy: torch.Tensor, tokens: torch.Tensor,
     as (accepted, node, path).
     """
     _check_tree_verify(greedy, tokens, parents)
-    if _native_kernel_for(greedy.device):
+    if native_kernel_for(greedy.device):
         return tuple(torch.ops.cllm_rt.tree_verify(greedy, tokens, parents))
     _check_parents_values("tree_verify", parents)
     return tree_verify_reference(greedy, tokens, parents)
@@ -733,7 +733,7 @@ def lm_head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (float64 for float64), so near-ties may differ from a product rounded to bf16.
     """
     _check_lm_head_argmax(hidden, weight)
-    if _native_kernel_for(hidden.device):
+    if native_kernel_for(hidden.device):
         return torch.ops.cllm_rt.lm_head_argmax(hidden.contiguous(), weight.contiguous())
     return lm_head_argmax_reference(hidden, weight)
 
@@ -750,7 +750,7 @@ def linear(input: torch.Tensor, weights, biases=None) -> list[torch.Tensor]:
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
     _check_linear(input, weights, biases)
-    if _native_kernel_for(input.device):
+    if native_kernel_for(input.device):
         return list(torch.ops.cllm_rt.linear(input, weights, biases))
     return linear_reference(input, weights, biases)
 
@@ -767,7 +767,7 @@ def linear_int8(input: torch.Tensor, weights, scales, biases=None) -> list[torch
     weights, scales = list(weights), list(scales)
     biases = [None] * len(weights) if biases is None else list(biases)
     _check_linear_int8(input, weights, scales, biases)
-    if _native_kernel_for(input.device):
+    if native_kernel_for(input.device):
         return list(torch.ops.cllm_rt.linear_int8(input, weights, scales, biases))
     return linear_int8_reference(input, weights, scales, biases)
 
@@ -776,7 +776,7 @@ def linear_int8_unchecked(input: torch.Tensor, weights, scales, biases) -> list[
     """:func:`linear_int8` without its Python checks where the native kernel runs (its C++ checks stay): what
     an int8 model's linears call, ~3 us a call less (as :func:`routed_linear`), with the tuning :func:`linear_plan`
     measured for the input's dtype on a CPU (int8 tiles prefetch at every row count, a one-token step's too)."""
-    if _native_kernel_for(input.device):
+    if native_kernel_for(input.device):
         if input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64):  # else C++ refuses it
             _plan_in_force(input.dtype)
         return list(torch.ops.cllm_rt.linear_int8(input, list(weights), list(scales), list(biases)))
@@ -885,7 +885,7 @@ def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
     _check_gumbel_argmax(logits, seeds, positions, temperature)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if _native_kernel_for(logits.device):
+    if native_kernel_for(logits.device):
         return torch.ops.cllm_rt.gumbel_argmax(logits, seeds, positions, temperature)
     return gumbel_argmax_reference(logits, seeds, positions, temperature)
 

@@ -36,6 +36,14 @@ TORCH_LIBRARY(cllm_rt, m) {
   // biases): [(input @ weights[i].T) * scales[i] + biases[i]], the same row invariance.
   m.def("linear_int8(Tensor input, Tensor[] weights, Tensor[] scales, Tensor?[] biases) -> Tensor[]");
   m.def("tree_verify(Tensor greedy, Tensor tokens, Tensor parents) -> (Tensor, Tensor, Tensor)");
+  // The llama family's decoder layers for one decoding step (decoder_layers.cpp; the reference is
+  // cllm_rt/runtime/compact.py's loop): hidden states x [B, n, d] after every layer, the block's
+  // keys/values written into the paged pools keys[i]/values[i] at write_slice [page, start] (one
+  // row) or at (write_pages, write_offsets) [B, n], attention as block/tree_attention, linears on
+  // cllm_rt::linear where `ours`, cllm_rt::linear_int8 for int8 weights, else torch's.
+  m.def("decoder_layers(Tensor x, Tensor cos, Tensor signed_sin, Tensor?[] params, Tensor(a!)[] keys, "
+        "Tensor(b!)[] values, int[] write_slice, Tensor? write_pages, Tensor? write_offsets, Tensor lengths, "
+        "Tensor? page_table, Tensor? parents, int head_dim, float scale, float eps, bool ours) -> Tensor");
   // Sampled tokens argmax(logits / T + Gumbel noise) [B, n] (gumbel_noise.h), seeds [B],
   // positions [B, n] of the predicted tokens, temperature [B] float64 (0: argmax).
   m.def("gumbel_argmax(Tensor logits, Tensor seeds, Tensor positions, Tensor temperature) -> Tensor");

@@ -194,7 +194,7 @@ def test_reference_fallback(monkeypatch):
     # Without the extension every op runs its reference; each is held here against a
     # formulation written independently of it (loops, SDPA with an explicit mask).
     monkeypatch.setattr(ops, "_C", None)
-    assert not ops.native_available() and not ops._native_kernel_for(torch.device("cpu"))
+    assert not ops.native_available() and not ops.native_kernel_for(torch.device("cpu"))
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 50, dtype=torch.float64)
     block = torch.randint(0, 50, (2, 4))

@@ -23,25 +23,29 @@ def hf_modules():
     compact.use_compact_forward(True)
 
 
-def _forwards(model, use_compact: bool) -> list[torch.Tensor]:
-    """Hidden states of a ragged 2-row prefill, a 1-token step, a 6-token chain and a 6-node tree."""
+def _forwards(model, use_compact: bool, native: bool = True, rows: int = 2) -> list[torch.Tensor]:
+    """Hidden states of a ragged prefill, a 1-token step, a 6-token chain and a 6-node tree, then the cache's keys
+    and values; ``rows`` 1 takes the cache's one-row slice writes, 2 its indexed writes."""
     compact.use_compact_forward(use_compact)
+    compact.use_native_layers(native)
     try:
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
-        prompt = torch.randint(1, vocab, (2, 40), generator=g)  # past a page
-        cache = JacobiCache(model.config.num_hidden_layers, torch.zeros(2, dtype=torch.int64), 96, page_size=32)
-        parents = torch.tensor([[-1, 0, 0, 1, 2, 2], [-1, 0, 1, 1, 0, 4]])
-        depths = torch.tensor([[0, 1, 1, 2, 2, 2], [0, 1, 2, 2, 1, 2]])
+        prompt = torch.randint(1, vocab, (2, 40), generator=g)[:rows]  # past a page
+        cache = JacobiCache(model.config.num_hidden_layers, torch.zeros(rows, dtype=torch.int64), 96, page_size=32)
+        parents = torch.tensor([[-1, 0, 0, 1, 2, 2], [-1, 0, 1, 1, 0, 4]])[:rows]
+        depths = torch.tensor([[0, 1, 1, 2, 2, 2], [0, 1, 2, 2, 1, 2]])[:rows]
         with torch.no_grad(), jacobi_attention(model), routed_linears(model):
-            prefill(model, cache, prompt, torch.tensor([40, 29]))
+            prefill(model, cache, prompt, torch.tensor([40, 29])[:rows])
             out = [cache.layers[0].keys.clone()]
             for n in (1, 6):
-                out.append(forward_block(model, cache, torch.randint(1, vocab, (2, n), generator=g)))
-            out.append(forward_block(model, cache, torch.randint(1, vocab, (2, 6), generator=g), depths, parents))
-        return out
+                out.append(forward_block(model, cache, torch.randint(1, vocab, (2, n), generator=g)[:rows]))
+            out.append(forward_block(model, cache, torch.randint(1, vocab, (2, 6), generator=g)[:rows], depths,
+                                     parents))
+        return out + [pool for layer in cache.layers for pool in (layer.keys, layer.values)]
     finally:
         compact.use_compact_forward(True)
+        compact.use_native_layers(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -52,6 +56,72 @@ def test_compact_forward_gives_the_hf_forward_s_bits(arch, dtype):
     model = tiny_model(arch, dtype=dtype)
     for ours, theirs in zip(_forwards(model, True), _forwards(model, False)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_compiled_layer_loop_gives_the_python_loop_s_bits(arch, dtype, rows):
+    # cllm_rt::decoder_layers calls the Python loop's ops in its order: the same hidden states and cache, and it
+    # is what ran (the Python loop is made to fail while it should not be called)
+    model = tiny_model(arch, dtype=dtype)
+    assert compact._native_params(model.base_model) is not None
+    theirs = _forwards(model, True, native=False, rows=rows)
+    python_layers = compact._python_layers
+    compact._python_layers = None
+    try:
+        ours = _forwards(model, True, rows=rows)
+    finally:
+        compact._python_layers = python_layers
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_int8_model_s_compiled_layer_loop_gives_the_python_loop_s_bits():
+    model = quantize_int8(tiny_model("qwen2"))
+    assert compact._native_params(model.base_model).int8
+    for a, b in zip(_forwards(model, True, rows=1), _forwards(model, True, native=False, rows=1), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_layer_the_op_does_not_compute_runs_the_python_loop():
+    # another activation, or a norm with its own epsilon: the Python loop runs them as the modules say
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert compact._native_params(model.base_model) is None
+    ids, mask = random_prompts(1, [5])
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
+    model = tiny_model("llama")
+    model.model.layers[0].input_layernorm.variance_epsilon = 1e-3
+    assert compact._native_params(model.base_model) is None
+
+
+def _op_arguments(model, cache_rows: int = 1):
+    """decoder_layers' arguments for a 3-token block after 5 cached tokens of ``model``'s one row."""
+    native = compact._native_params(model.base_model)
+    cache = JacobiCache(model.config.num_hidden_layers, torch.tensor([5]), 64, page_size=32)
+    cache.begin_block(3)
+    x = torch.randn(1, 3, model.config.hidden_size, dtype=model.dtype)
+    cos, signed_sin = compact._rotary_tables(*model.base_model.rotary_emb(x, position_ids=torch.tensor([[5, 6, 7]])))
+    pools = [layer.pools(native.kv_heads, native.head_dim, x) for layer in cache.layers]
+    return (x, cos, signed_sin, native.params, [k for k, _ in pools], [v for _, v in pools], list(cache.write_index),
+            None, None, cache.lengths, cache.page_table, None, native.head_dim, native.scale, native.eps, False)
+
+
+def test_decoder_layers_passes_opcheck():
+    torch.library.opcheck(torch.ops.cllm_rt.decoder_layers.default, _op_arguments(tiny_model("llama")))
+
+
+def test_decoder_layers_refuses_malformed_arguments_in_one_line():
+    args = list(_op_arguments(tiny_model("llama")))
+    bad = {3: args[3][:-1], 6: [], 12: 0}  # a parameter short, no cache write, no head size
+    for index, value in bad.items():
+        wrong = list(args)
+        wrong[index] = value
+        with pytest.raises(RuntimeError, match="decoder_layers: ") as failure:
+            torch.ops.cllm_rt.decoder_layers(*wrong)
+        assert "\n" not in str(failure.value).split("Exception raised from")[0].strip()
 
 
 @pytest.mark.parametrize("arch", ["phi3", "gemma"])

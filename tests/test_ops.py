@@ -37,7 +37,7 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
     device = torch.device(request.param)
-    if not ops._native_kernel_for(device):
+    if not ops.native_kernel_for(device):
         if os.environ.get("CLLM_RT_ALLOW_FALLBACK") == "1":
             pytest.skip(f"no native kernels for {device}: the reference would be compared with itself")
         pytest.fail(f"cllm_rt has no native kernels for {device}: the extension did not build "

@@ -50,6 +50,16 @@ class JacobiCacheLayer(CacheLayerMixin):
         self.keys, self.values = pool(key_states), pool(value_states)
         self.is_initialized = True
 
+    def pools(self, heads: int, head_dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value pools grown to the owner's page count (zeros of ``like``'s dtype and device for
+        ``heads`` x ``head_dim`` first, if no update came yet): for a forward that writes the block's keys and
+        values itself at the owner's ``write_index`` (``compact``'s native layers) instead of calling update."""
+        if not self.is_initialized:
+            states = like.new_empty((1, heads, 0, head_dim))
+            self.lazy_initialization(states, states)
+        self.reserve()
+        return self.keys, self.values
+
     def reserve(self) -> None:
         """Grow the pools to the owner's page count. New pages are zeros: the reference attention reads a
         whole page, and 0 times a masked-out probability must stay 0 (garbage could be NaN)."""
