@@ -9,8 +9,10 @@ reported); ``int8`` is the float32 model with its layer linears quantized (``loa
   each call (what HF's assisted generation pays per verify);
 * **cllm_rt**: the runtime's own step, ``forward_block`` over the paged ``JacobiCache`` (its compact forward,
   ``runtime/compact.py``, with attention on ``ops.block_attention`` and linears on ``ops.linear`` where
-  ``ops.linear_pays``), then ``greedy_verify``; **cllm_rt HF modules**: the same step through the HF modules'
-  forward (attention and linears routed by ``runtime/attention.py`` and ``runtime/linears.py``);
+  ``ops.linear_pays``, its layer loop the compiled op ``cllm_rt::decoder_layers``), then ``greedy_verify``;
+  **cllm_rt Python layers**: the same with the loop in Python (``compact.use_native_layers(False)``, the op's
+  reference); **cllm_rt HF modules**: the same step through the HF modules' forward (attention and linears
+  routed by ``runtime/attention.py`` and ``runtime/linears.py``);
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
   call each; ``ops.linear_int8`` for an int8 model's layers, which have no ``F.linear``), to show where the
@@ -104,15 +106,17 @@ def variants(model, context: int, dtype: torch.dtype):
         model(block(n), past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-n)  # transformers 5.25: a negative count of tokens to drop
 
-    def cllm_rt(n, compact_forward=True):
+    def cllm_rt(n, compact_forward=True, native_layers=True):
         # the Decoder enters these once for its lifetime (~2 ms each time), so they stay outside the timing
         compact.use_compact_forward(compact_forward)
+        compact.use_native_layers(native_layers)
         try:
             with jacobi_attention(model), routed_linears(model):
                 tokens = block(n)
                 return _seconds(lambda: greedy_verify(model, forward_block(model, ours, tokens), tokens))
         finally:
             compact.use_compact_forward(True)
+            compact.use_native_layers(True)
 
     def x(n, width):
         if (n, width) not in inputs:
@@ -131,7 +135,8 @@ def variants(model, context: int, dtype: torch.dtype):
             else:
                 ops.linear(x(n, group[0].in_features), [m.weight for m in group])
 
-    fns = {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
+    fns = {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt Python layers": lambda n: cllm_rt(n, native_layers=False),
+           "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
            "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
     if any(type(m) is Int8Linear for m in model.modules()):
         del fns["linears F.linear"]  # torch has no int8 linear
@@ -211,7 +216,8 @@ def main() -> None:
     for threads in args.threads:
         for result in measure(threads, args.dtypes, args.sizes, args.context, args.rounds):
             results.append(result)
-            print(table(result, ["HF", "cllm_rt", "cllm_rt HF modules", "linears F.linear", "linears ops.linear"],
+            print(table(result, ["HF", "cllm_rt", "cllm_rt Python layers", "cllm_rt HF modules", "linears F.linear",
+                                 "linears ops.linear"],
                         args.sizes),
                   flush=True)
     info["load_average_after"] = os.getloadavg()
