@@ -42,6 +42,7 @@ METHODS = {
     "jacobi": "cllm_rt Jacobi (block 16)",
     "drafts": "cllm_rt drafts (default)",
     "drafts-hf-forward": "cllm_rt drafts, HF modules' forward and torch's linears (the step before issue 22)",
+    "drafts-python-layers": "cllm_rt drafts, the compact forward's layer loop in Python (before decoder_layers)",
 }
 
 
@@ -75,9 +76,9 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
         seconds, forwards = time.perf_counter() - start, counter.calls - before - 1
         rows = [_cut(r.tolist(), model.generation_config.eos_token_id) for r in out[:, ids.shape[1]:]]
         return rows, forwards * len(rows), seconds
-    options = {"ar": dict(block_size=1, drafts=None), "jacobi": dict(block_size=16, drafts=None),
-               "drafts": dict(corpus=corpus), "drafts-hf-forward": dict(corpus=corpus)}[method]
-    with hf_forward() if method == "drafts-hf-forward" else contextlib.nullcontext():
+    options = {"ar": dict(block_size=1, drafts=None), "jacobi": dict(block_size=16, drafts=None)}.get(
+        method, dict(corpus=corpus))
+    with OLDER_STEPS.get(method, contextlib.nullcontext)():
         out = cllm_rt.generate(model, ids, mask, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
     rows = [r[ids.shape[1]:ids.shape[1] + n].tolist() for r, n in zip(out.sequences, out.stats.new_tokens)]
@@ -96,6 +97,20 @@ def hf_forward():
     finally:
         ops.LINEAR_MAX_ROWS = rows
         compact.use_compact_forward(True)
+
+
+@contextlib.contextmanager
+def python_layers():
+    """The compact forward with its layer loop in Python, as before ``cllm_rt::decoder_layers``."""
+    compact.use_native_layers(False)
+    try:
+        yield
+    finally:
+        compact.use_native_layers(True)
+
+
+# methods that decode with an older step, each on its own model copy (runner_for)
+OLDER_STEPS = {"drafts-hf-forward": hf_forward, "drafts-python-layers": python_layers}
 
 
 def _cut(tokens: list[int], eos) -> list[int]:
@@ -120,14 +135,13 @@ def batches(prompts: list[list[int]], size: int, pad: int):
 
 def runner_for(model, methods: list[str]):
     """``runner(method, ids, mask, max_new_tokens, corpus)`` running cllm_rt's and HF's methods on ``model``;
-    "drafts-hf-forward" on its own copy (decoding learns step costs per model object, and its steps cost
-    otherwise)."""
+    each method of ``OLDER_STEPS`` on its own copy (decoding learns step costs per model object, and its steps
+    cost otherwise)."""
     counter = ForwardCounter(model)
-    old_path = copy.deepcopy(model) if "drafts-hf-forward" in methods else None
+    copies = {method: copy.deepcopy(model) for method in methods if method in OLDER_STEPS}
 
     def runner(method, ids, mask, max_new_tokens, corpus):
-        return run(method, old_path if method == "drafts-hf-forward" else model, counter, ids, mask,
-                   max_new_tokens, corpus)
+        return run(method, copies.get(method, model), counter, ids, mask, max_new_tokens, corpus)
     return runner
 
 
