@@ -51,7 +51,8 @@ def stage_train(args) -> None:
     from cllm_rt.training.train import TrainConfig, train
 
     config = TrainConfig(objective=OBJECTIVE, batch_size=BATCH_SIZE, lr=args.lr, seed=0, max_steps=args.steps,
-                         warmup=max(1, args.steps // 10), save_every=args.save_every, keep_models=True)
+                         warmup=max(1, args.steps // 10), save_every=args.save_every, keep_models=True,
+                         train_layers=args.train_layers)
     start = time.perf_counter()
     train(MODEL, _splits(args)["train"], os.path.join(args.out, OBJECTIVE), config, progress=False, device="cpu")
     print(f"trained {OBJECTIVE}: {args.steps} steps, {time.perf_counter() - start:.0f} s", flush=True)
@@ -255,6 +256,7 @@ def report(args) -> dict:
         "data": DATA[args.domain][0], "split": load_domain(args.domain, args.data_dir).split,
         "block_size": args.block_size,
         "max_new_tokens": MAX_NEW_TOKENS, "lr": args.lr, "batch_size": BATCH_SIZE, "warmup": max(1, args.steps // 10),
+        "train_layers": args.train_layers,
         "steps": len(log), "blocks_seen": len(log) * BATCH_SIZE,
         "trajectories": {split: {"prompts": m["prompts_kept"], "blocks": sum(s["blocks"] for s in m["shards"]),
                                  "data": DATA[args.domain][1 if split == "train" else 2]}
@@ -327,6 +329,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--save-every", type=int, default=16, help="steps between evaluated checkpoints")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--train-layers", type=int, default=0,
+                        help="train only the top N decoder layers and the final norm (0: every parameter)")
     parser.add_argument("--states", type=int, default=200, help="recorded states measured per split, at most")
     parser.add_argument("--jacobi-prompts", type=int, default=6, help="prompts decoded per split and checkpoint")
     parser.add_argument("--machine", default="", help="a description of the machine for the JSON")

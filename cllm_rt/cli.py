@@ -120,7 +120,7 @@ def _train(args) -> None:
                          ar_weight=args.ar_weight, ar_target=args.ar_target, distill_weight=args.distill_weight,
                          max_grad_norm=args.max_grad_norm,
                          weight_decay=args.weight_decay, fsdp=args.fsdp, noise_window=args.noise_window,
-                         heldout=args.heldout, min_agreement=args.min_agreement)
+                         heldout=args.heldout, min_agreement=args.min_agreement, train_layers=args.train_layers)
     last = train(args.model, args.trajectories, args.out, config, device=args.device)
     if last.get("event") == "stopped":
         print(f"{last['reason']}; model saved to {args.out}")
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distill-weight", type=float, default=0.0,
                        help="weight of KL(frozen source model || model) at the AR positions (0: off; with it "
                             "--ar-weight may be 0)")
+    train.add_argument("--train-layers", type=int, default=0, metavar="N",
+                       help="train only the top N decoder layers and the final norm; the layers below take no "
+                            "backward (default 0: every parameter)")
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of DDP (under torchrun)")

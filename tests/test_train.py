@@ -158,6 +158,28 @@ def test_killed_run_resumes_exactly(setup, tmp_path, monkeypatch, objective):
         _assert_same_weights(tmp_path / "whole" / "step-4", tmp_path / "whole")
 
 
+def test_training_the_top_layers_moves_only_them_and_resumes_exactly(setup, tmp_path, monkeypatch):
+    config = dataclasses.replace(BASE, train_layers=1, max_steps=4, save_every=2)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "whole"), config, progress=False)
+    layers = transformers.AutoConfig.from_pretrained(setup["model"]).num_hidden_layers
+    moved = {name for name, update in _updates(tmp_path / "whole", setup["model"]).items() if update.abs().max() > 0}
+    top = f"model.layers.{layers - 1}."
+    assert moved and all(name.startswith(top) or name == "model.norm.weight" for name in moved)
+    assert "model.norm.weight" in moved and any(name.startswith(top + "mlp.") for name in moved)
+    train_killed_at(monkeypatch, 3, setup["model"], setup["trajectories"], str(tmp_path / "cut"), config,
+                    progress=False)
+    train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), config, progress=False)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+    with pytest.raises(ValueError, match="belongs to another training run"):  # another layer count: another run
+        train(setup["model"], setup["trajectories"], str(tmp_path / "cut"), dataclasses.replace(config, train_layers=2),
+              progress=False)
+    with pytest.raises(ValueError, match=f"train_layers=99 but .* has {layers} decoder layers"):
+        train(setup["model"], setup["trajectories"], str(tmp_path / "other"),
+              dataclasses.replace(config, train_layers=99), progress=False)
+    with pytest.raises(ValueError, match="train_layers must be >= 0"):
+        dataclasses.replace(config, train_layers=-1).validate()
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_gradient_accumulation_equals_one_large_batch(setup, tmp_path, plain_sgd, objective):
     large = TrainConfig(**OBJECTIVES[objective], lr=0.05, batch_size=4, grad_accum=1, max_steps=3, max_grad_norm=1e9)

@@ -104,6 +104,7 @@ class TrainConfig:
     noise_window: int = 16  # jacobi-forcing: W of the noise schedule linspace(0, 1, W)[k mod W]
     heldout: int = 0  # trajectory prompts kept out of training for the agreement check (0: no check)
     min_agreement: float = 0.75  # stop when the held-out agreement falls below this
+    train_layers: int = 0  # train only the top N decoder layers and the final norm (0: every parameter)
     loss: str | None = None  # deprecated alias of objective: "global" / "local" mean "cllm-global" / "cllm-local"
 
     def __post_init__(self):
@@ -136,6 +137,8 @@ class TrainConfig:
             raise ValueError("lr and max_grad_norm must be > 0; warmup and ar_weight must be >= 0")
         if not self.distill_weight >= 0:  # also NaN
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.train_layers < 0:
+            raise ValueError(f"train_layers must be >= 0 (0: train every parameter), got {self.train_layers}")
         if self.heldout < 0 or not 0 <= self.min_agreement <= 1:
             raise ValueError(f"heldout must be >= 0 and min_agreement within [0, 1]; got {self.heldout}, "
                              f"{self.min_agreement}")
@@ -356,8 +359,12 @@ class _Run:
             **{k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("batch_size", "save_every", "keep_models", "grad_checkpointing", "fsdp", "max_steps",
                             "loss", "min_agreement")}}
-        if not config.distill_weight:  # absent when off: runs begun before the term existed still resume
-            del self.identity["distill_weight"]
+        for name in ("distill_weight", "train_layers"):  # absent when off: runs begun before they existed resume
+            if not getattr(config, name):
+                del self.identity[name]
+        layers = len(self.lm.base_model.layers)
+        if config.train_layers > layers:
+            raise ValueError(f"train_layers={config.train_layers} but {model_dir} has {layers} decoder layers")
         # the distillation teacher: the source model as loaded, before any step or resume changes self.lm
         self.teacher = copy.deepcopy(self.lm).eval().requires_grad_(False) if config.distill_weight else None
         self._check_out_dir()
@@ -413,10 +420,13 @@ class _Run:
         if config.grad_checkpointing:
             self.lm.activation_checkpointing_enable({"use_reentrant": False})
         self.lm.train()
+        if config.train_layers:
+            _train_top_layers(self.lm, config.train_layers)
         module = ScoredLogits(self.lm).to(processes.device)
         model = self._parallelize(module)
         self.teacher_module = None if self.teacher is None else ScoredLogits(self.teacher).eval().to(processes.device)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup, self.max_steps)
@@ -719,6 +729,17 @@ class _Run:
 
 
 @contextlib.contextmanager
+def _train_top_layers(lm, count: int) -> None:
+    """Freeze all of ``lm`` but its top ``count`` decoder layers and its final norm. The frozen layers below
+    take no backward at all (their outputs need no gradient), so a step costs the forward and the top layers'
+    backward; the embeddings, and so a tied LM head, stay the source's."""
+    lm.requires_grad_(False)
+    base = lm.base_model
+    for layer in list(base.layers)[-count:]:
+        layer.requires_grad_(True)
+    base.norm.requires_grad_(True)
+
+
 def _restore_gradient_sync(model):
     try:
         yield
