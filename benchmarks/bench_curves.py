@@ -217,9 +217,11 @@ def extrapolate(blocks: list[int], values: list[float], goal: float) -> dict:
 
 
 def results_name(args) -> str:
-    """curves-smollm2-<data>-b<block size>; GSM8K at block 16 keeps its first name, curves-smollm2-gsm8k."""
+    """curves-smollm2-<data>-b<block size>[-top<N>]; GSM8K at block 16 keeps its first name, curves-smollm2-gsm8k
+    (-top<N>: --train-layers N)."""
     name = f"curves-smollm2-{DATA[args.domain][0].lower()}"
-    return name if (args.domain, args.block_size) == ("math", 16) else f"{name}-b{args.block_size}"
+    name = name if (args.domain, args.block_size) == ("math", 16) else f"{name}-b{args.block_size}"
+    return f"{name}-top{args.train_layers}" if args.train_layers else name
 
 
 def report(args) -> dict:
