@@ -95,6 +95,12 @@ def test_a_layer_the_op_does_not_compute_runs_the_python_loop():
     model = tiny_model("llama")
     model.model.layers[0].input_layernorm.variance_epsilon = 1e-3
     assert compact._native_params(model.base_model) is None
+    model = tiny_model("llama")
+    act = model.model.layers[0].mlp.act_fn
+    act.forward = lambda x: torch.nn.functional.silu(x) * 2  # e.g. a hub kernel: its forward, not at::silu
+    assert compact._native_params(model.base_model) is None
+    model.model.layers[0].mlp.act_fn = torch.nn.SiLU()
+    assert compact._native_params(model.base_model) is not None
 
 
 def _op_arguments(model, cache_rows: int = 1):

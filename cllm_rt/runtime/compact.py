@@ -192,7 +192,12 @@ def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
     return tensor if tensor is not None else module._buffers.get(name)
 
 
-_SILU = ("SiLUActivation", "SiLU")
+def _stock_silu(module) -> bool:
+    """Whether ``module`` is torch's or transformers' SiLU as shipped (what the op computes, ``at::silu``): no hook,
+    and no forward of its own on the instance (transformers' hub kernels put one there)."""
+    stock = type(module) is torch.nn.SiLU or (type(module).__name__ == "SiLUActivation"
+                                                and type(module).__module__ == "transformers.activations")
+    return stock and _unhooked(module) and "forward" not in vars(module)
 
 
 def _native_params(base) -> _NativeParams | None:
@@ -208,9 +213,7 @@ def _native_params(base) -> _NativeParams | None:
     int8 = False
     for layer in layers:
         attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
-        act = mlp._modules.get("act_fn")
-        if type(act).__name__ not in _SILU or not _unhooked(act) or attn.head_dim != head_dim \
-                or attn.scaling != scale:
+        if not _stock_silu(mlp._modules.get("act_fn")) or attn.head_dim != head_dim or attn.scaling != scale:
             return None
         head_norms = [attn._modules.get("q_norm"), attn._modules.get("k_norm")]
         if any(norm is not None and not _stock_norm(norm, family) for norm in head_norms):
