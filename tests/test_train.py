@@ -258,14 +258,16 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path, pla
     runs = {"ddp-cllm": OBJECTIVES["cllm-global"], "ddp-jacobi-forcing": OBJECTIVES["jacobi-forcing"],
             "fsdp-jacobi-forcing": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, heldout=2, min_agreement=0.0),
             "ddp-cllm-distill": dict(OBJECTIVES["cllm-global"], distill_weight=1.0, ar_weight=0.0),
-            "fsdp-jacobi-forcing-distill": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, distill_weight=1.0)}
+            "fsdp-jacobi-forcing-distill": dict(OBJECTIVES["jacobi-forcing"], fsdp=True, distill_weight=1.0),
+            # FSDP skips the gradient reduction on the first micro-step and restores it for the last
+            "fsdp-cllm-accumulated": dict(OBJECTIVES["cllm-global"], fsdp=True, batch_size=1, grad_accum=2)}
     for name, options in runs.items():
-        single = {k: v for k, v in options.items() if k != "fsdp"}
+        single = {k: v for k, v in options.items() if k not in ("fsdp", "batch_size", "grad_accum")}
         train(setup["model"], setup["trajectories"], str(tmp_path / "one" / name),
               TrainConfig(batch_size=4, **common, **single), progress=False)
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
-    two = [(str(tmp_path / "two" / name), {**common, **options, "batch_size": 2}) for name, options in runs.items()]
+    two = [(str(tmp_path / "two" / name), {**common, "batch_size": 2, **options}) for name, options in runs.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", CLLM_RT_ALLOW_FALLBACK="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(driver), setup["model"], setup["trajectories"], json.dumps(two)],

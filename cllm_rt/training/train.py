@@ -728,7 +728,6 @@ class _Run:
                     os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
-@contextlib.contextmanager
 def _train_top_layers(lm, count: int) -> None:
     """Freeze all of ``lm`` but its top ``count`` decoder layers and its final norm. The frozen layers below
     take no backward at all (their outputs need no gradient), so a step costs the forward and the top layers'
@@ -740,6 +739,7 @@ def _train_top_layers(lm, count: int) -> None:
     base.norm.requires_grad_(True)
 
 
+@contextlib.contextmanager
 def _restore_gradient_sync(model):
     try:
         yield
