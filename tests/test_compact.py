@@ -103,7 +103,7 @@ def test_a_layer_the_op_does_not_compute_runs_the_python_loop():
     assert compact._native_params(model.base_model) is not None
 
 
-def _op_arguments(model, cache_rows: int = 1):
+def _op_arguments(model):
     """decoder_layers' arguments for a 3-token block after 5 cached tokens of ``model``'s one row."""
     native = compact._native_params(model.base_model)
     cache = JacobiCache(model.config.num_hidden_layers, torch.tensor([5]), 64, page_size=32)
