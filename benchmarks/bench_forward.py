@@ -191,7 +191,7 @@ def table(result: dict, names: list[str], sizes: list[int]) -> str:
     plan = result["linear_plan"]
     if plan:
         lines.append(f"ops.linear at 1-{len(plan['pays'])} rows (measured on this machine): {plan['pays']}, "
-                     f"{'tall' if plan['tall_tiles'] else 'wide'} tiles, next tile prefetched "
+                     f"{plan['tiles'][0]} / {plan['tiles'][1]} tiles at 1 / 2 rows, next tile prefetched "
                      f"{'into L2' if plan['prefetch_l2'] else 'non-temporally'}")
     one = result["median_ms"]["cllm_rt|1"]
     lines.append(f"one-token cllm_rt forward at {result['weight_read_limit_ms'] / one:.0%} of the weight-read limit")

@@ -103,17 +103,19 @@ _PREFETCH_L2_MARGIN = 0.8
 # The row count at which the prefetch target is measured: a tree's forward, whose tiles take several passes.
 _PREFETCH_ROWS = 8
 # Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
-_PLAN_METHOD = 3
+_PLAN_METHOD = 4
+# The tile shapes the kernel can give calls of one or two rows, in csrc/cpu/linear.h's FewRowTiles order.
+TILE_SHAPES = ("wide", "tall", "streamed")
 
 
 class LinearPlan(NamedTuple):
     """What :func:`linear_plan` measured for one dtype and thread count: whether ops.linear prefetches its next
-    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), whether its tall tiles beat its wide
-    ones at 1-2 rows, whether ops.linear then beats torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows
-    (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the medians behind it (``ms``:
-    name -> ms)."""
+    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), its fastest tile shape (of TILE_SHAPES)
+    at 1 and at 2 rows (``tiles``), whether ops.linear then beats torch's linear at 1 .. LINEAR_MIN_ROWS - 1
+    rows (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the medians behind it
+    (``ms``: name -> ms)."""
     prefetch_l2: bool
-    tall_tiles: bool
+    tiles: tuple[str, str]
     pays: tuple[bool, ...]
     tree_pays: bool
     ms: dict
@@ -135,17 +137,17 @@ def linear_plan(dtype: torch.dtype) -> LinearPlan:
 def _plan_in_force(dtype: torch.dtype) -> LinearPlan:
     """linear_plan without its checks, for every routed call: sets the kernel's tuning only when it changes."""
     plan = _cached_plan(dtype, torch.get_num_threads())
-    if _tuning_set.get(dtype) != (plan.tall_tiles, plan.prefetch_l2):
-        _set_tuning(dtype, plan.tall_tiles, plan.prefetch_l2)
+    if _tuning_set.get(dtype) != (plan.tiles, plan.prefetch_l2):
+        _set_tuning(dtype, plan.tiles, plan.prefetch_l2)
     return plan
 
 
-_tuning_set: dict = {}  # dtype -> (tall_tiles, prefetch_l2): what the kernel was last told
+_tuning_set: dict = {}  # dtype -> (tiles, prefetch_l2): what the kernel was last told
 
 
-def _set_tuning(dtype: torch.dtype, tall_tiles: bool, prefetch_l2: bool) -> None:
-    _C.set_linear_tuning(str(dtype).removeprefix("torch."), 2 if tall_tiles else 0, prefetch_l2)
-    _tuning_set[dtype] = (tall_tiles, prefetch_l2)
+def _set_tuning(dtype: torch.dtype, tiles: tuple[str, str], prefetch_l2: bool) -> None:
+    _C.set_linear_tuning(str(dtype).removeprefix("torch."), *map(TILE_SHAPES.index, tiles), prefetch_l2)
+    _tuning_set[dtype] = (tuple(tiles), prefetch_l2)
 
 
 def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
@@ -170,7 +172,10 @@ def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
 
 def _read_plan(path: pathlib.Path) -> LinearPlan:
     fields = json.loads(path.read_text())
-    return LinearPlan(bool(fields["prefetch_l2"]), bool(fields["tall_tiles"]), tuple(map(bool, fields["pays"])),
+    tiles = tuple(fields["tiles"])
+    if len(tiles) != 2 or not set(tiles) <= set(TILE_SHAPES):
+        raise ValueError(f"unknown tile shapes {tiles}")
+    return LinearPlan(bool(fields["prefetch_l2"]), tiles, tuple(map(bool, fields["pays"])),
                       bool(fields["tree_pays"]), dict(fields["ms"]))
 
 
@@ -216,8 +221,8 @@ def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") 
 
 
 def _measure_plan(dtype: torch.dtype) -> LinearPlan:
-    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the chosen one, its tall and
-    wide tiles and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and torch's at _PREFETCH_ROWS. Each call runs
+    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the chosen one, its tile shapes
+    at 1 and 2 rows, its wide tiles at LINEAR_MIN_ROWS - 1 and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and torch's at _PREFETCH_ROWS. Each call runs
     a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x 576): the two halves of a set in turn,
     each half the size of the last-level cache (at least 32 MiB, at most 512 MiB: up to 1 GiB allocated while it
     measures), so every call streams its weights from memory as a decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
@@ -249,9 +254,9 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
                         times[key].append((time.perf_counter() - start) * 1e3)
         return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
 
-    def ours(rows: int, tall: bool = False, prefetch_l2: bool = False):
+    def ours(rows: int, tiles: str = "wide", prefetch_l2: bool = False):
         def run(half):
-            _set_tuning(dtype, tall, prefetch_l2)
+            _set_tuning(dtype, (tiles, tiles), prefetch_l2)
             for weight in half:
                 torch.ops.cllm_rt.linear(inputs[rows], [weight], [None])
         return run
@@ -265,18 +270,17 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     ms = medians({f"{target} {_PREFETCH_ROWS}": ours(_PREFETCH_ROWS, prefetch_l2=target == "l2")
                   for target in ("non-temporal", "l2")})
     prefetch_l2 = ms[f"l2 {_PREFETCH_ROWS}"] < _PREFETCH_L2_MARGIN * ms[f"non-temporal {_PREFETCH_ROWS}"]
-    # tall tiles hold at most 2 rows, so 3 rows always take wide ones
-    candidates = {f"{tiles} {rows}": ours(rows, tiles == "tall", prefetch_l2)
-                  for tiles in ("tall", "wide") for rows in (1, 2)}
-    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, False, prefetch_l2)
+    # the shapes apply to 1 and 2 rows only, so 3 rows always take wide tiles
+    candidates = {f"{tiles} {rows}": ours(rows, tiles, prefetch_l2) for tiles in TILE_SHAPES for rows in (1, 2)}
+    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, "wide", prefetch_l2)
     candidates.update({f"torch {rows}": torch_linear(rows) for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)})
     ms |= medians(candidates)
-    tall = ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"]
-    pays = tuple(ms[f"{'tall' if tall and rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
+    tiles = tuple(min(TILE_SHAPES, key=lambda shape: ms[f"{shape} {rows}"]) for rows in (1, 2))
+    pays = tuple(ms[f"{tiles[rows - 1] if rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
                  for rows in range(1, LINEAR_MIN_ROWS))
     ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]  # the first batch's median
     tree_pays = ours_at_tree < _SMALL_ROW_MARGIN * ms[f"torch {_PREFETCH_ROWS}"]
-    return LinearPlan(prefetch_l2, tall, pays, tree_pays, ms)
+    return LinearPlan(prefetch_l2, tiles, pays, tree_pays, ms)
 
 
 def linear_pays(x: torch.Tensor) -> bool:

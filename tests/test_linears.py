@@ -15,7 +15,7 @@ native = pytest.mark.skipif(not ops.native_available(), reason="native extension
 
 def plan(monkeypatch, *pays: bool, tree_pays: bool = True):
     """Pretend linear_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) and ``tree_pays`` for every dtype."""
-    monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: ops.LinearPlan(False, False, pays, tree_pays, {}))
+    monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: ops.LinearPlan(False, ("wide", "wide"), pays, tree_pays, {}))
 
 
 @native
@@ -26,9 +26,10 @@ def test_linear_plan_measures_every_choice_once_and_follows_its_medians(dtype):
     assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1 and all(t > 0 for t in ms.values())
     rows = ops._PREFETCH_ROWS
     assert measured.prefetch_l2 == (ms[f"l2 {rows}"] < ops._PREFETCH_L2_MARGIN * ms[f"non-temporal {rows}"])
-    assert measured.tall_tiles == (ms["tall 1"] + ms["tall 2"] < ms["wide 1"] + ms["wide 2"])
+    for rows, shape in enumerate(measured.tiles, 1):  # the fastest shape at each row count
+        assert all(ms[f"{shape} {rows}"] <= ms[f"{other} {rows}"] for other in ops.TILE_SHAPES)
     for rows, pays in enumerate(measured.pays, 1):
-        ours = ms[f"tall {rows}"] if measured.tall_tiles and rows <= 2 else ms[f"wide {rows}"]
+        ours = ms[f"{measured.tiles[rows - 1]} {rows}"] if rows <= 2 else ms[f"wide {rows}"]
         assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
     ours = ms[f"{'l2' if measured.prefetch_l2 else 'non-temporal'} {ops._PREFETCH_ROWS}"]
     assert measured.tree_pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {ops._PREFETCH_ROWS}"])
@@ -44,7 +45,7 @@ def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path
         path = ops._plan_file(torch.float32, torch.get_num_threads())
         assert path.parent == tmp_path / "linear-plans" and ops._read_plan(path) == measured
         # a plan another process published is the one every later process uses
-        other = ops.LinearPlan(not measured.prefetch_l2, not measured.tall_tiles,
+        other = ops.LinearPlan(not measured.prefetch_l2, measured.tiles[::-1],
                                tuple(not p for p in measured.pays), not measured.tree_pays, {"torch 1": 1.0})
         path.write_text(json.dumps(other._asdict()))
         ops._cached_plan.cache_clear()
@@ -82,25 +83,28 @@ def test_linear_plan_refuses_a_dtype_without_a_kernel():
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_tuning_does_not_change_a_bit(dtype):
-    """Tall and wide tiles sum each output in the same order, and a prefetch only moves data (csrc/cpu/linear.h),
+    """Every tile shape sums each output in the same order, and a prefetch only moves data (csrc/cpu/linear.h),
     so the measured choices cannot change a token."""
     x, weights = torch.randn(9, 200, dtype=dtype), [torch.randn(50, 200, dtype=dtype), torch.randn(7, 200, dtype=dtype)]
     try:
         results = {}
-        for tall in (True, False):
+        for shape in ops.TILE_SHAPES:
             for prefetch_l2 in (True, False):
-                ops._set_tuning(dtype, tall, prefetch_l2)
-                results[tall, prefetch_l2] = [ops.linear(x[:rows], weights) for rows in (1, 2, 9)]
+                ops._set_tuning(dtype, (shape, shape), prefetch_l2)
+                results[shape, prefetch_l2] = [ops.linear(x[:rows], weights) for rows in (1, 2, 9)]
     finally:
         ops.linear_plan(dtype)  # the measured choice again
-    first = results[True, True]
+    assert len(results) == 2 * len(ops.TILE_SHAPES)
+    first = results["tall", True]
     for other in results.values():
         for a, b in zip(first, other):
             assert all(torch.equal(u, v) for u, v in zip(a, b))
     for rows in (1, 2):  # and a row's bits do not depend on the other rows
         assert torch.equal(first[rows - 1][0][0], first[2][0][0])
     with pytest.raises(ValueError, match="no linear kernel for dtype int8"):
-        ops._C.set_linear_tuning("int8", 2, False)
+        ops._C.set_linear_tuning("int8", 2, 2, False)
+    with pytest.raises(ValueError, match=r"tile shapes are 0 \(wide\), 1 \(tall\) or 2 \(streamed\), got 3 and 0"):
+        ops._C.set_linear_tuning("float32", 3, 0, False)
 
 
 @native
@@ -109,14 +113,15 @@ def test_every_routed_call_and_int8_linear_runs_with_the_plan_s_tuning():
     too, not only the few-row calls that read ``pays``."""
     measured = ops.linear_plan(torch.float32)
     try:
-        ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
+        other = tuple(next(s for s in ops.TILE_SHAPES if s != shape) for shape in measured.tiles)
+        ops._set_tuning(torch.float32, other, not measured.prefetch_l2)
         assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16)) == measured.tree_pays
-        assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
+        assert ops._tuning_set[torch.float32] == (measured.tiles, measured.prefetch_l2)
         # and an int8 model's linears, which call the kernel directly
-        ops._set_tuning(torch.float32, not measured.tall_tiles, not measured.prefetch_l2)
+        ops._set_tuning(torch.float32, other, not measured.prefetch_l2)
         q, scale = torch.ones(4, 16, dtype=torch.int8), torch.ones(4)
         ops.linear_int8_unchecked(torch.randn(1, 16), [q], [scale], [None])
-        assert ops._tuning_set[torch.float32] == (measured.tall_tiles, measured.prefetch_l2)
+        assert ops._tuning_set[torch.float32] == (measured.tiles, measured.prefetch_l2)
     finally:
         ops.linear_plan(torch.float32)
 
@@ -191,11 +196,12 @@ def test_int8_weights_follow_float32_s_tuning_and_it_does_not_change_a_bit():
     x, q = torch.randn(2, 200, generator=g), torch.randint(-127, 128, (50, 200), generator=g, dtype=torch.int8)
     scale = torch.rand(50, generator=g)
     try:
-        ops._set_tuning(torch.float32, True, True)
-        tall = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
-        ops._set_tuning(torch.float32, False, False)
-        wide = [ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)]
+        results = []
+        for shape in ops.TILE_SHAPES:
+            ops._set_tuning(torch.float32, (shape, shape), shape == "tall")
+            results.append([ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)])
     finally:
         ops.linear_plan(torch.float32)  # the measured choice again
-    assert all(torch.equal(a, b) for a, b in zip(tall, wide))
-    assert torch.equal(tall[0][0], tall[1][0])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert torch.equal(results[0][0][0], results[0][1][0])

@@ -45,11 +45,16 @@ namespace cllm_rt {
 namespace {
 
 // Tiles of kM input rows x kN weight rows, one accumulator vector each: kM * kN accumulators +
-// kN weight vectors + 1 input vector must fit the register file (32 zmm / 16 ymm). Calls of a
-// few rows (a one-token step) can take tall tiles: more weight rows streaming at once keep more
-// cache misses in flight, where the wide tiles' prefetch of the next tile does not already
-// (which one is faster is measured per machine: linear.h). Wider calls take kMR rows per pass,
-// so each weight vector loaded from memory feeds up to kMR FMAs (an 8-node tree in one pass).
+// kN weight vectors + 1 input vector must fit the register file (32 zmm / 16 ymm). Wider calls
+// take kMR rows per pass, so each weight vector loaded from memory feeds up to kMR FMAs (an
+// 8-node tree in one pass). Calls of one or two rows (a one-token step) may take another shape
+// (FewRowTiles; which is fastest is measured per machine: linear.h):
+// - tall tiles: more weight rows streaming at once keep more cache misses in flight, where the
+//   wide tiles' prefetch of the next tile does not already;
+// - streamed rows (kN = 1): the weights read in memory order, one row after the other, which the
+//   hardware prefetchers follow best. SmolLM2's linears at 1 row, AMD EPYC Zen 4, interleaved:
+//   float32 26.7 vs 32.5 ms wide at 1 thread, 18.6 vs 19.9 at 2; bf16 14.5 vs 15.0 and 9.9 vs
+//   11.0; at 4 rows and more they lose (38 vs 31 ms), a weight vector feeding too few FMAs.
 #ifdef __AVX512F__
 constexpr int kVecBytes = 64;
 constexpr int kMR = 8, kNR = 3;          // 24 accumulators + 3 + 1 = 28 of 32 registers
@@ -63,10 +68,10 @@ constexpr int kMaxMR = std::max(kMR, kFewMR), kMaxNR = std::max(kNR, kFewNR);
 constexpr int64_t kBlockRows = 24;  // weight rows per parallel task: a multiple of kNR and kFewNR
 static_assert(kBlockRows % kNR == 0 && kBlockRows % kFewNR == 0);
 
-// Per input dtype (set_linear_tuning): the most rows that take tall tiles, and whether the next
-// weight tile is prefetched into L2 rather than non-temporally (Prefetch).
+// Per input dtype (set_linear_tuning): the tile shape of calls of 1 and of 2 rows, and whether
+// the next weight tile is prefetched into L2 rather than non-temporally (Prefetch).
 constexpr const char* kDtypeNames[] = {"float32", "float64", "bfloat16", "float16"};
-std::atomic<int64_t> tall_tile_rows[4] = {kFewMR, kFewMR, kFewMR, kFewMR};
+std::atomic<FewRowTiles> few_row_tiles[4][2] = {};  // wide
 std::atomic<bool> prefetch_to_l2[4] = {false, false, false, false};
 
 template <typename scalar_t>
@@ -323,9 +328,11 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
   for (int64_t i = 0; i < static_cast<int64_t>(xbuf.size()); ++i) xbuf[i] = input[i];
   const acc_t* x = kWiden ? xbuf.data() : reinterpret_cast<const acc_t*>(input);
   // int8 weights take their input dtype's tuning (it only moves the speed, never a bit)
-  const bool few = R <= std::min<int64_t>(kFewMR, tall_tile_rows[dtype_index<scalar_t>()]);
+  const FewRowTiles shape = R <= 2 ? few_row_tiles[dtype_index<scalar_t>()][R - 1].load() : FewRowTiles::kWide;
+  const bool tall = shape == FewRowTiles::kTall;
   const bool to_l2 = prefetch_to_l2[dtype_index<scalar_t>()];
-  const int64_t tile_rows = few ? kFewMR : kMR, tile_cols = few ? kFewNR : kNR;
+  const int64_t tile_rows = tall ? kFewMR : kMR;
+  const int64_t tile_cols = tall ? kFewNR : shape == FewRowTiles::kStreamed ? 1 : kNR;
 
   // Tasks: kBlockRows-row blocks of every weight, numbered across the weights.
   std::vector<int64_t> first_block(projections.size() + 1, 0);
@@ -355,17 +362,17 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
         }
         // The tile after this one in memory (the next block's first at a block's end, which
         // this thread most likely takes next), during the first pass over the rows. Not for
-        // few rows, whose tiles are quick to compute: there the prefetches only cost (measured
+        // tall tiles, which are quick to compute: there the prefetches only cost (measured
         // 47 vs 50 ms for SmolLM2's layers at 1 row, against 71 vs 57 ms without at 8 rows).
         // int8 tiles prefetch at every row count: without the next tile in flight, tall tiles
         // waited on memory (SmolLM2's layers at 1 row, Zen 5, 1 thread: 7.4 vs 4.9 ms).
-        const int64_t ahead = few && !kInt8 ? 0 : std::min(tile_cols, proj.N - n0 - cols) * K;
+        const int64_t ahead = tall && !kInt8 ? 0 : std::min(tile_cols, proj.N - n0 - cols) * K;
         for (int64_t r0 = 0; r0 < R; r0 += tile_rows) {
           const int64_t rows = std::min(tile_rows, R - r0);
           const Prefetch prefetch{!kWidenTiles && r0 == 0 && ahead > 0
                                       ? reinterpret_cast<const char*>(w_src + cols * K) : nullptr,
                                   ahead * static_cast<int64_t>(sizeof(weight_t)), to_l2};
-          if (few) {
+          if (tall) {
             tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
                                  w_tail, prefetch, out);
           } else {
@@ -388,10 +395,11 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
 
 }  // namespace
 
-bool set_linear_tuning(const char* dtype, int64_t tall_rows, bool to_l2) {
+bool set_linear_tuning(const char* dtype, FewRowTiles one_row, FewRowTiles two_rows, bool to_l2) {
   for (int i = 0; i < 4; ++i) {
     if (std::strcmp(dtype, kDtypeNames[i]) == 0) {
-      tall_tile_rows[i] = tall_rows;
+      few_row_tiles[i][0] = one_row;
+      few_row_tiles[i][1] = two_rows;
       prefetch_to_l2[i] = to_l2;
       return true;
     }
