@@ -43,6 +43,8 @@ METHODS = {
     "drafts": "cllm_rt drafts (default)",
     "drafts-hf-forward": "cllm_rt drafts, HF modules' forward and torch's linears (the step before issue 22)",
     "drafts-python-layers": "cllm_rt drafts, the compact forward's layer loop in Python (before decoder_layers)",
+    "ar-wide-tiles": "cllm_rt AR, one-row linears on wide tiles (before streamed and paired rows)",
+    "drafts-wide-tiles": "cllm_rt drafts, one- and two-row linears on wide tiles (before streamed and paired rows)",
 }
 
 
@@ -77,7 +79,7 @@ def run(method: str, model, counter: ForwardCounter, ids, mask, max_new_tokens: 
         rows = [_cut(r.tolist(), model.generation_config.eos_token_id) for r in out[:, ids.shape[1]:]]
         return rows, forwards * len(rows), seconds
     options = {"ar": dict(block_size=1, drafts=None), "jacobi": dict(block_size=16, drafts=None)}.get(
-        method, dict(corpus=corpus))
+        method.split("-")[0], dict(corpus=corpus))
     with OLDER_STEPS.get(method, contextlib.nullcontext)():
         out = cllm_rt.generate(model, ids, mask, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
@@ -109,8 +111,27 @@ def python_layers():
         compact.use_native_layers(True)
 
 
+@contextlib.contextmanager
+def wide_tiles():
+    """ops.linear's one- and two-row calls on its wide tiles whatever the plan measured, as before the plan
+    measured streamed and paired rows (csrc/cpu/linear.cpp); the routing (``pays``) stays the plan's."""
+    plan_in_force = ops._plan_in_force
+
+    def wide(dtype):
+        plan = ops._cached_plan(dtype, torch.get_num_threads())._replace(tiles=("wide", "wide"))
+        if ops._tuning_set.get(dtype) != (plan.tiles, plan.prefetch_l2):
+            ops._set_tuning(dtype, plan.tiles, plan.prefetch_l2)
+        return plan
+    ops._plan_in_force = wide
+    try:
+        yield
+    finally:
+        ops._plan_in_force = plan_in_force
+
+
 # methods that decode with an older step, each on its own model copy (runner_for)
-OLDER_STEPS = {"drafts-hf-forward": hf_forward, "drafts-python-layers": python_layers}
+OLDER_STEPS = {"drafts-hf-forward": hf_forward, "drafts-python-layers": python_layers,
+               "ar-wide-tiles": wide_tiles, "drafts-wide-tiles": wide_tiles}
 
 
 def _cut(tokens: list[int], eos) -> list[int]:

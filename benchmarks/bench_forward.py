@@ -12,14 +12,17 @@ reported); ``int8`` is the float32 model with its layer linears quantized (``loa
   ``ops.linear_pays``, its layer loop the compiled op ``cllm_rt::decoder_layers``), then ``greedy_verify``;
   **cllm_rt Python layers**: the same with the loop in Python (``compact.use_native_layers(False)``, the op's
   reference); **cllm_rt HF modules**: the same step through the HF modules' forward (attention and linears
-  routed by ``runtime/attention.py`` and ``runtime/linears.py``);
+  routed by ``runtime/attention.py`` and ``runtime/linears.py``); **cllm_rt wide tiles**: the step with
+  ``ops.linear``'s one- and two-row calls on its wide tiles, as before the plan measured streamed and paired
+  rows;
 * **linears**: the model's linear layers alone for n rows (every layer's q/k/v, o, gate/up, down, and the LM
   head), as ``F.linear`` calls and as ``ops.linear`` groups (q/k/v and gate/up share their input and are one
   call each; ``ops.linear_int8`` for an int8 model's layers, which have no ``F.linear``), to show where the
   forward's growth with n comes from;
 * **weight-read limit**: the bytes of every weight the forward reads, divided by the memory bandwidth measured
-  in the same run at the same thread count (``torch.sum`` over a buffer larger than the caches): the floor a
-  forward of few tokens approaches when reading the weights is all it does.
+  in the same rounds at the same thread count (the median of one ``torch.sum`` over a 1 GiB buffer per round:
+  a shared host's bandwidth drifts, so it is sampled beside the forwards it bounds): the floor a forward of
+  few tokens approaches when reading the weights is all it does.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_forward.py [--threads 1 2] [--dtypes float32 bfloat16 int8 int8+head]
         [--sizes 1 2 4 8 16 32 64] [--context 256] [--rounds 9] [--json out.json]
@@ -28,6 +31,7 @@ reported); ``int8`` is the float32 model with its layer linears quantized (``loa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from bench_decoding import machine
+from bench_decoding import machine, wide_tiles
 
 from cllm_rt import ops
 from cllm_rt.models import load_model
@@ -56,13 +60,6 @@ def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def bandwidth_gbs(rounds: int = 5) -> float:
-    """Bytes per second that ``torch.sum`` streams from a 1 GiB float32 buffer (median of ``rounds``)."""
-    buffer = torch.ones(1 << 28)
-    buffer.sum()
-    return buffer.numel() * 4 / statistics.median(_seconds(buffer.sum) for _ in range(rounds)) / 1e9
 
 
 def weight_bytes(model) -> int:
@@ -106,12 +103,12 @@ def variants(model, context: int, dtype: torch.dtype):
         model(block(n), past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-n)  # transformers 5.25: a negative count of tokens to drop
 
-    def cllm_rt(n, compact_forward=True, native_layers=True):
+    def cllm_rt(n, compact_forward=True, native_layers=True, tiles=contextlib.nullcontext):
         # the Decoder enters these once for its lifetime (~2 ms each time), so they stay outside the timing
         compact.use_compact_forward(compact_forward)
         compact.use_native_layers(native_layers)
         try:
-            with jacobi_attention(model), routed_linears(model):
+            with jacobi_attention(model), routed_linears(model), tiles():
                 tokens = block(n)
                 return _seconds(lambda: greedy_verify(model, forward_block(model, ours, tokens), tokens))
         finally:
@@ -135,7 +132,8 @@ def variants(model, context: int, dtype: torch.dtype):
             else:
                 ops.linear(x(n, group[0].in_features), [m.weight for m in group])
 
-    fns = {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt Python layers": lambda n: cllm_rt(n, native_layers=False),
+    fns = {"HF": hf, "cllm_rt": cllm_rt, "cllm_rt wide tiles": lambda n: cllm_rt(n, tiles=wide_tiles),
+           "cllm_rt Python layers": lambda n: cllm_rt(n, native_layers=False),
            "cllm_rt HF modules": lambda n: cllm_rt(n, compact_forward=False),
            "linears F.linear": torch_linears, "linears ops.linear": ops_linears}
     if any(type(m) is Int8Linear for m in model.modules()):
@@ -146,7 +144,7 @@ def variants(model, context: int, dtype: torch.dtype):
 def measure(threads: int, dtype_names: list[str], sizes: list[int], context: int, rounds: int) -> list[dict]:
     """One result per dtype name, all measured in the same shuffled rounds."""
     torch.set_num_threads(threads)
-    bandwidth = bandwidth_gbs()
+    buffer = torch.ones(1 << 28)  # 1 GiB of float32: its sum streams from memory
     dtypes = {name: torch.float32 if name.startswith("int8") else getattr(torch, name) for name in dtype_names}
     models = {name: load_model(NAME, dtype=dtypes[name], weights=name if name.startswith("int8") else None)[0]
               for name in dtype_names}
@@ -156,6 +154,7 @@ def measure(threads: int, dtype_names: list[str], sizes: list[int], context: int
         rng = random.Random(0)
         for d, name, n in times:  # warm-up: every shape once
             fns[d, name](n)
+        sums = []
         for _ in range(rounds):
             cases = list(times)
             rng.shuffle(cases)
@@ -163,6 +162,8 @@ def measure(threads: int, dtype_names: list[str], sizes: list[int], context: int
                 start = time.perf_counter()
                 own = fns[d, name](n)
                 times[d, name, n].append((own if own is not None else time.perf_counter() - start) * 1e3)
+            sums.append(_seconds(buffer.sum))
+    bandwidth = buffer.numel() * 4 / statistics.median(sums) / 1e9
     results = []
     for d in dtype_names:
         weights = weight_bytes(models[d])
@@ -216,10 +217,8 @@ def main() -> None:
     for threads in args.threads:
         for result in measure(threads, args.dtypes, args.sizes, args.context, args.rounds):
             results.append(result)
-            print(table(result, ["HF", "cllm_rt", "cllm_rt Python layers", "cllm_rt HF modules", "linears F.linear",
-                                 "linears ops.linear"],
-                        args.sizes),
-                  flush=True)
+            print(table(result, ["HF", "cllm_rt", "cllm_rt wide tiles", "cllm_rt Python layers", "cllm_rt HF modules",
+                                 "linears F.linear", "linears ops.linear"], args.sizes), flush=True)
     info["load_average_after"] = os.getloadavg()
     print(f"machine: {info['cpu']} (AVX-512: {info['avx512']}), torch {torch.__version__}, load average "
           f"{info['load_average'][0]:.2f} before, {info['load_average_after'][0]:.2f} after")

@@ -46,7 +46,8 @@ PEERS = {
     "llama-q4": "llama.cpp Q4_1 greedy",
     "llama-q4-lookup": "llama.cpp Q4_1 prompt lookup (10)",
 }
-OURS = ["hf", "hf-lookup", "ar", "drafts", "drafts-hf-forward", "drafts-python-layers"]
+OURS = ["hf", "hf-lookup", "ar", "drafts", "drafts-hf-forward", "drafts-python-layers", "ar-wide-tiles",
+        "drafts-wide-tiles"]
 
 
 class LlamaCpp:

@@ -104,16 +104,22 @@ _PREFETCH_L2_MARGIN = 0.8
 _PREFETCH_ROWS = 8
 # Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
 _PLAN_METHOD = 4
-# The tile shapes the kernel can give calls of one or two rows, in csrc/cpu/linear.h's FewRowTiles order.
-TILE_SHAPES = ("wide", "tall", "streamed")
+# The tile shapes the kernel can give calls of one or two rows, in csrc/cpu/linear.h's FewRowTiles order; "paired"
+# (one row computed as two) applies to one-row calls only.
+TILE_SHAPES = ("wide", "tall", "streamed", "paired")
+_TWO_ROW_SHAPES = TILE_SHAPES[:3]
+# A shape other than the wide tiles is taken only where it measured at least this much faster than them: a near tie
+# on the plan's weights went either way on SmolLM2's (bf16, Zen 4: streamed rows 1.86 vs wide 1.95 ms on the plan's
+# set, 16.5 vs 15.4 ms in the decoding step).
+_TILE_MARGIN = 0.9
 
 
 class LinearPlan(NamedTuple):
     """What :func:`linear_plan` measured for one dtype and thread count: whether ops.linear prefetches its next
-    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), its fastest tile shape (of TILE_SHAPES)
-    at 1 and at 2 rows (``tiles``), whether ops.linear then beats torch's linear at 1 .. LINEAR_MIN_ROWS - 1
-    rows (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the medians behind it
-    (``ms``: name -> ms)."""
+    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), its tile shape (of TILE_SHAPES) at 1
+    and at 2 rows (``tiles``; "paired" at 1 only), whether ops.linear then beats torch's linear at 1 ..
+    LINEAR_MIN_ROWS - 1 rows (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the
+    medians behind it (``ms``: name -> ms)."""
     prefetch_l2: bool
     tiles: tuple[str, str]
     pays: tuple[bool, ...]
@@ -146,7 +152,10 @@ _tuning_set: dict = {}  # dtype -> (tiles, prefetch_l2): what the kernel was las
 
 
 def _set_tuning(dtype: torch.dtype, tiles: tuple[str, str], prefetch_l2: bool) -> None:
-    _C.set_linear_tuning(str(dtype).removeprefix("torch."), *map(TILE_SHAPES.index, tiles), prefetch_l2)
+    """Tells the kernel ``tiles`` (at 1 and 2 rows; "paired" at 2 rows is the wide tiles) and the prefetch target."""
+    one_row, two_rows = tiles
+    _C.set_linear_tuning(str(dtype).removeprefix("torch."), TILE_SHAPES.index(one_row),
+                         TILE_SHAPES.index("wide" if two_rows == "paired" else two_rows), prefetch_l2)
     _tuning_set[dtype] = (tuple(tiles), prefetch_l2)
 
 
@@ -173,7 +182,7 @@ def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
 def _read_plan(path: pathlib.Path) -> LinearPlan:
     fields = json.loads(path.read_text())
     tiles = tuple(fields["tiles"])
-    if len(tiles) != 2 or not set(tiles) <= set(TILE_SHAPES):
+    if len(tiles) != 2 or tiles[0] not in TILE_SHAPES or tiles[1] not in _TWO_ROW_SHAPES:
         raise ValueError(f"unknown tile shapes {tiles}")
     return LinearPlan(bool(fields["prefetch_l2"]), tiles, tuple(map(bool, fields["pays"])),
                       bool(fields["tree_pays"]), dict(fields["ms"]))
@@ -207,6 +216,13 @@ def _cached_plan(dtype: torch.dtype, threads: int) -> LinearPlan:
         return plan  # no writable cache: this process's own measurement
 
 
+def _fastest_shape(ms: dict, rows: int, shapes: tuple[str, ...]) -> str:
+    """The fastest of ``shapes`` at ``rows`` rows in ``ms`` (name -> ms), the wide tiles unless another is
+    _TILE_MARGIN faster."""
+    best = min(shapes, key=lambda shape: ms[f"{shape} {rows}"])
+    return best if ms[f"{best} {rows}"] < _TILE_MARGIN * ms[f"wide {rows}"] else "wide"
+
+
 def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """The largest CPU cache Linux reports for CPU 0 in ``caches`` (0 where it reports none)."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
@@ -222,13 +238,15 @@ def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") 
 
 def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the chosen one, its tile shapes
-    at 1 and 2 rows, its wide tiles at LINEAR_MIN_ROWS - 1 and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and torch's at _PREFETCH_ROWS. Each call runs
-    a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x 576): the two halves of a set in turn,
-    each half the size of the last-level cache (at least 32 MiB, at most 512 MiB: up to 1 GiB allocated while it
-    measures), so every call streams its weights from memory as a decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
+    at 1 and 2 rows, its wide tiles at LINEAR_MIN_ROWS - 1, and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows
+    and at _PREFETCH_ROWS. Each call runs a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x
+    576): the two halves of a set in turn, each half the size of the last-level cache (at least 32 MiB, at most
+    512 MiB: up to 1 GiB allocated while it measures), so every call streams its weights from memory as a
+    decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
     model 167) it measured torch's bf16 linear ahead at 8 rows (30 vs 31 ms), where on SmolLM2's layers and on
-    this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 5 interleaved calls; ~0.5 s on a Zen 5, ~5 s on
-    that Xeon's 480 MiB of L3."""
+    this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 11 interleaved calls: with 5, a drifting host's noise
+    picked another one-row shape from run to run (an AMD EPYC Zen 4, 32 MiB of L3, where it now takes ~0.5 s a
+    dtype); 5 calls of fewer shapes took ~5 s on that Xeon's 480 MiB, so ~3x that there now (not measured)."""
     N, K = 1536, 576
 
     def matrix_set(half_bytes: int) -> tuple[torch.Tensor, ...]:
@@ -246,7 +264,7 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     def medians(candidates: dict) -> dict:
         times = {key: [] for key in candidates}
         with torch.inference_mode():
-            for round_ in range(6):  # the first round warms up
+            for round_ in range(12):  # the first round warms up
                 for call, (key, run) in enumerate(candidates.items()):
                     start = time.perf_counter()
                     run(weights[(round_ * len(candidates) + call) % 2])  # never the half the last call read
@@ -271,11 +289,12 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
                   for target in ("non-temporal", "l2")})
     prefetch_l2 = ms[f"l2 {_PREFETCH_ROWS}"] < _PREFETCH_L2_MARGIN * ms[f"non-temporal {_PREFETCH_ROWS}"]
     # the shapes apply to 1 and 2 rows only, so 3 rows always take wide tiles
-    candidates = {f"{tiles} {rows}": ours(rows, tiles, prefetch_l2) for tiles in TILE_SHAPES for rows in (1, 2)}
+    candidates = {f"{tiles} {rows}": ours(rows, tiles, prefetch_l2) for rows in (1, 2)
+                  for tiles in (TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES)}
     candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, "wide", prefetch_l2)
     candidates.update({f"torch {rows}": torch_linear(rows) for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)})
     ms |= medians(candidates)
-    tiles = tuple(min(TILE_SHAPES, key=lambda shape: ms[f"{shape} {rows}"]) for rows in (1, 2))
+    tiles = tuple(_fastest_shape(ms, rows, TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES) for rows in (1, 2))
     pays = tuple(ms[f"{tiles[rows - 1] if rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
                  for rows in range(1, LINEAR_MIN_ROWS))
     ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]  # the first batch's median

@@ -56,10 +56,10 @@ static PyObject* set_linear_tuning(PyObject*, PyObject* args) {
   long long one_row = 0, two_rows = 0;
   int to_l2 = 0;
   if (!PyArg_ParseTuple(args, "sLLp", &dtype, &one_row, &two_rows, &to_l2)) return nullptr;
-  const auto tiles = [](long long shape) { return 0 <= shape && shape <= 2; };
-  if (!tiles(one_row) || !tiles(two_rows)) {
-    PyErr_Format(PyExc_ValueError, "set_linear_tuning: tile shapes are 0 (wide), 1 (tall) or 2 (streamed), got %lld and %lld",
-                 one_row, two_rows);
+  if (one_row < 0 || one_row > 3 || two_rows < 0 || two_rows > 2) {
+    PyErr_Format(PyExc_ValueError,
+                 "set_linear_tuning: tile shapes are 0 (wide), 1 (tall), 2 (streamed) or, for one row, 3 (paired); "
+                 "got %lld and %lld", one_row, two_rows);
     return nullptr;
   }
   if (!cllm_rt::set_linear_tuning(dtype, static_cast<cllm_rt::FewRowTiles>(one_row),
@@ -74,8 +74,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"set_linear_tuning", set_linear_tuning, METH_VARARGS,
        "set_linear_tuning(dtype_name, one_row_tiles, two_row_tiles, prefetch_to_l2): the tile shape of CPU linear "
-       "calls of one and of two rows (0 wide, 1 tall, 2 streamed rows); the next weight tile is prefetched into L2, "
-       "else non-temporally"},
+       "calls of one and of two rows (0 wide, 1 tall, 2 streamed rows, 3 paired: one row only); the next weight tile "
+       "is prefetched into L2, else non-temporally"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);

@@ -15,7 +15,8 @@ native = pytest.mark.skipif(not ops.native_available(), reason="native extension
 
 def plan(monkeypatch, *pays: bool, tree_pays: bool = True):
     """Pretend linear_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) and ``tree_pays`` for every dtype."""
-    monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: ops.LinearPlan(False, ("wide", "wide"), pays, tree_pays, {}))
+    plan_in_force = ops.LinearPlan(False, ("wide", "wide"), pays, tree_pays, {})
+    monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: plan_in_force)
 
 
 @native
@@ -26,8 +27,11 @@ def test_linear_plan_measures_every_choice_once_and_follows_its_medians(dtype):
     assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1 and all(t > 0 for t in ms.values())
     rows = ops._PREFETCH_ROWS
     assert measured.prefetch_l2 == (ms[f"l2 {rows}"] < ops._PREFETCH_L2_MARGIN * ms[f"non-temporal {rows}"])
-    for rows, shape in enumerate(measured.tiles, 1):  # the fastest shape at each row count
-        assert all(ms[f"{shape} {rows}"] <= ms[f"{other} {rows}"] for other in ops.TILE_SHAPES)
+    for rows, shape in enumerate(measured.tiles, 1):  # the fastest shape, unless within the margin of wide tiles
+        shapes = ops.TILE_SHAPES if rows == 1 else ops._TWO_ROW_SHAPES
+        fastest = min(shapes, key=lambda s: ms[f"{s} {rows}"])
+        assert shape == (fastest if ms[f"{fastest} {rows}"] < ops._TILE_MARGIN * ms[f"wide {rows}"] else "wide")
+    assert "paired 2" not in ms  # one row read twice: a one-row shape
     for rows, pays in enumerate(measured.pays, 1):
         ours = ms[f"{measured.tiles[rows - 1]} {rows}"] if rows <= 2 else ms[f"wide {rows}"]
         assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
@@ -45,7 +49,8 @@ def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path
         path = ops._plan_file(torch.float32, torch.get_num_threads())
         assert path.parent == tmp_path / "linear-plans" and ops._read_plan(path) == measured
         # a plan another process published is the one every later process uses
-        other = ops.LinearPlan(not measured.prefetch_l2, measured.tiles[::-1],
+        tiles = ("paired", "tall") if measured.tiles != ("paired", "tall") else ("streamed", "wide")
+        other = ops.LinearPlan(not measured.prefetch_l2, tiles,
                                tuple(not p for p in measured.pays), not measured.tree_pays, {"torch 1": 1.0})
         path.write_text(json.dumps(other._asdict()))
         ops._cached_plan.cache_clear()
@@ -56,6 +61,10 @@ def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path
         again = ops.linear_plan(torch.float32)
         assert ops._read_plan(path) == again and len(again.pays) == ops.LINEAR_MIN_ROWS - 1
         assert [p.name for p in path.parent.iterdir()] == [path.name]
+        # so is a file naming a shape the kernel lacks (paired at two rows)
+        path.write_text(json.dumps({**other._asdict(), "tiles": ["wide", "paired"]}))
+        ops._cached_plan.cache_clear()
+        assert ops.linear_plan(torch.float32).tiles[1] in ops._TWO_ROW_SHAPES
         # no writable cache: the process's own measurement
         monkeypatch.setenv("CLLM_RT_CACHE", str(path))  # a file, not a directory
         ops._cached_plan.cache_clear()
@@ -103,8 +112,9 @@ def test_the_tuning_does_not_change_a_bit(dtype):
         assert torch.equal(first[rows - 1][0][0], first[2][0][0])
     with pytest.raises(ValueError, match="no linear kernel for dtype int8"):
         ops._C.set_linear_tuning("int8", 2, 2, False)
-    with pytest.raises(ValueError, match=r"tile shapes are 0 \(wide\), 1 \(tall\) or 2 \(streamed\), got 3 and 0"):
-        ops._C.set_linear_tuning("float32", 3, 0, False)
+    for one_row, two_rows in ((4, 0), (0, 3), (-1, 0)):  # paired (3) is a one-row shape
+        with pytest.raises(ValueError, match=rf"or, for one row, 3 \(paired\); got {one_row} and {two_rows}$"):
+            ops._C.set_linear_tuning("float32", one_row, two_rows, False)
 
 
 @native

@@ -53,8 +53,13 @@ namespace {
 //   wide tiles' prefetch of the next tile does not already;
 // - streamed rows (kN = 1): the weights read in memory order, one row after the other, which the
 //   hardware prefetchers follow best. SmolLM2's linears at 1 row, AMD EPYC Zen 4, interleaved:
-//   float32 26.7 vs 32.5 ms wide at 1 thread, 18.6 vs 19.9 at 2; bf16 14.5 vs 15.0 and 9.9 vs
-//   11.0; at 4 rows and more they lose (38 vs 31 ms), a weight vector feeding too few FMAs.
+//   float32 26.7 vs 32.5 ms wide at 1 thread, 18.6 vs 19.9 at 2; at 4 rows and more they lose
+//   (38 vs 31 ms), a weight vector feeding too few FMAs;
+// - paired (one row only): the wide tiles run two rows over the same input row (its second result
+//   dropped). On that Zen 4 a one-row pass over wide tiles waited on memory longer than a two-row
+//   one, the row's products being free beside the weight stream: SmolLM2's one-token bf16 step
+//   15.8 ms paired against 18.2 streamed and 29.0 wide (1 thread), 11.7 / 12.9 / 18.8 (2 threads);
+//   float32 streamed rows stay faster (24.2 vs 27.5 ms paired).
 #ifdef __AVX512F__
 constexpr int kVecBytes = 64;
 constexpr int kMR = 8, kNR = 3;          // 24 accumulators + 3 + 1 = 28 of 32 registers
@@ -296,20 +301,21 @@ struct Projection {
   int64_t N;
 };
 
-// One tile: rows x cols outputs of the tile shape kM x kN at most.
+// One tile: rows x cols outputs of the tile shape kM x kN at most, input rows ldx apart (0: one row
+// read for every tile row, the paired shape).
 template <int kM, int kN, typename scalar_t, typename weight_t, typename acc_t>
-inline void tile(bool pair_dot, int64_t rows, int64_t cols, int64_t K, const scalar_t* input,
+inline void tile(bool pair_dot, int64_t rows, int64_t cols, int64_t K, int64_t ldx, const scalar_t* input,
                  const acc_t* x, const weight_t* w_src, const acc_t* w, const acc_t* w_tail,
                  Prefetch prefetch, acc_t (*out)[kMaxNR]) {
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (pair_dot) return dispatch_tile<Bf16PairDot, kM, kN>(rows, cols, K, input, K, w_src, K, prefetch, out);
+    if (pair_dot) return dispatch_tile<Bf16PairDot, kM, kN>(rows, cols, K, input, ldx, w_src, K, prefetch, out);
   }
 #endif
   if constexpr (std::is_same_v<weight_t, int8_t>) {
-    dispatch_tile<WidenedDot<acc_t, int8_t>, kM, kN>(rows, cols, K, x, K, w_src, K, w_tail, prefetch, out);
+    dispatch_tile<WidenedDot<acc_t, int8_t>, kM, kN>(rows, cols, K, x, ldx, w_src, K, w_tail, prefetch, out);
   } else {
-    dispatch_tile<WidenedDot<acc_t>, kM, kN>(rows, cols, K, x, K, w, K, w_tail, prefetch, out);
+    dispatch_tile<WidenedDot<acc_t>, kM, kN>(rows, cols, K, x, ldx, w, K, w_tail, prefetch, out);
   }
 }
 
@@ -330,6 +336,7 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
   // int8 weights take their input dtype's tuning (it only moves the speed, never a bit)
   const FewRowTiles shape = R <= 2 ? few_row_tiles[dtype_index<scalar_t>()][R - 1].load() : FewRowTiles::kWide;
   const bool tall = shape == FewRowTiles::kTall;
+  const bool paired = R == 1 && shape == FewRowTiles::kPaired;  // the row read twice (ldx 0), one result kept
   const bool to_l2 = prefetch_to_l2[dtype_index<scalar_t>()];
   const int64_t tile_rows = tall ? kFewMR : kMR;
   const int64_t tile_cols = tall ? kFewNR : shape == FewRowTiles::kStreamed ? 1 : kNR;
@@ -373,11 +380,11 @@ void linear_kernel(const scalar_t* input, int64_t R, int64_t K,
                                       ? reinterpret_cast<const char*>(w_src + cols * K) : nullptr,
                                   ahead * static_cast<int64_t>(sizeof(weight_t)), to_l2};
           if (tall) {
-            tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
+            tile<kFewMR, kFewNR>(kPairDot, rows, cols, K, K, input + r0 * K, x + r0 * K, w_src, w,
                                  w_tail, prefetch, out);
           } else {
-            tile<kMR, kNR>(kPairDot, rows, cols, K, input + r0 * K, x + r0 * K, w_src, w,
-                           w_tail, prefetch, out);
+            tile<kMR, kNR>(kPairDot, paired ? 2 : rows, cols, K, paired ? 0 : K, input + r0 * K, x + r0 * K,
+                           w_src, w, w_tail, prefetch, out);
           }
           for (int64_t m = 0; m < rows; ++m) {
             for (int64_t n = 0; n < cols; ++n) {
