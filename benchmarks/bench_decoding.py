@@ -114,19 +114,14 @@ def python_layers():
 @contextlib.contextmanager
 def wide_tiles():
     """ops.linear's one- and two-row calls on its wide tiles whatever the plan measured, as before the plan
-    measured streamed and paired rows (csrc/cpu/linear.cpp); the routing (``pays``) stays the plan's."""
-    plan_in_force = ops._plan_in_force
-
-    def wide(dtype):
-        plan = ops._cached_plan(dtype, torch.get_num_threads())._replace(tiles=("wide", "wide"))
-        if ops._tuning_set.get(dtype) != (plan.tiles, plan.prefetch_l2):
-            ops._set_tuning(dtype, plan.tiles, plan.prefetch_l2)
-        return plan
-    ops._plan_in_force = wide
+    measured streamed and paired rows (csrc/cpu/linear.cpp); the routing (``pays``) stays the plan's. The plan
+    is swapped where ops reads it, so ops itself tells the kernel, as it does for the measured plan."""
+    cached_plan = ops._cached_plan
+    ops._cached_plan = lambda dtype, threads: cached_plan(dtype, threads)._replace(tiles=("wide", "wide"))
     try:
         yield
     finally:
-        ops._plan_in_force = plan_in_force
+        ops._cached_plan = cached_plan
 
 
 # methods that decode with an older step, each on its own model copy (runner_for)
