@@ -65,7 +65,7 @@ def test_the_compiled_layer_loop_gives_the_python_loop_s_bits(arch, dtype, rows)
     # cllm_rt::decoder_layers calls the Python loop's ops in its order: the same hidden states and cache, and it
     # is what ran (the Python loop is made to fail while it should not be called)
     model = tiny_model(arch, dtype=dtype)
-    assert compact._native_params(model.base_model) is not None
+    assert compact.modules(model).native is not None
     theirs = _forwards(model, True, native=False, rows=rows)
     python_layers = compact._python_layers
     compact._python_layers = None
@@ -79,7 +79,7 @@ def test_the_compiled_layer_loop_gives_the_python_loop_s_bits(arch, dtype, rows)
 
 def test_an_int8_model_s_compiled_layer_loop_gives_the_python_loop_s_bits():
     model = quantize_int8(tiny_model("qwen2"))
-    assert compact._native_params(model.base_model).int8
+    assert compact.modules(model).native.int8
     for a, b in zip(_forwards(model, True, rows=1), _forwards(model, True, native=False, rows=1), strict=True):
         assert torch.equal(a, b)
 
@@ -88,24 +88,24 @@ def test_a_layer_the_op_does_not_compute_runs_the_python_loop():
     # another activation, or a norm with its own epsilon: the Python loop runs them as the modules say
     model = tiny_model("llama")
     model.model.layers[1].mlp.act_fn = torch.nn.GELU()
-    assert compact._native_params(model.base_model) is None
+    assert compact.modules(model).native is None
     ids, mask = random_prompts(1, [5])
     want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
     assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
     model = tiny_model("llama")
     model.model.layers[0].input_layernorm.variance_epsilon = 1e-3
-    assert compact._native_params(model.base_model) is None
+    assert compact.modules(model).native is None
     model = tiny_model("llama")
     act = model.model.layers[0].mlp.act_fn
     act.forward = lambda x: torch.nn.functional.silu(x) * 2  # e.g. a hub kernel: its forward, not at::silu
-    assert compact._native_params(model.base_model) is None
+    assert compact.modules(model).native is None
     model.model.layers[0].mlp.act_fn = torch.nn.SiLU()
-    assert compact._native_params(model.base_model) is not None
+    assert compact.modules(model).native is not None
 
 
 def _op_arguments(model):
     """decoder_layers' arguments for a 3-token block after 5 cached tokens of ``model``'s one row."""
-    native = compact._native_params(model.base_model)
+    native = compact.modules(model).native
     cache = JacobiCache(model.config.num_hidden_layers, torch.tensor([5]), 64, page_size=32)
     cache.begin_block(3)
     x = torch.randn(1, 3, model.config.hidden_size, dtype=model.dtype)
@@ -191,6 +191,23 @@ def test_a_layer_that_is_not_the_stock_module_keeps_the_hf_forward():
     scaled.weight = old.weight
     model.model.layers[0].mlp.up_proj = scaled  # then swapped: the next call must notice
     assert not compact.applies(model)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
+
+
+def test_a_weight_or_norm_epsilon_replaced_between_calls_is_what_the_next_call_decodes_with():
+    # modules() walks the modules again only where something it read changed: a new Parameter object in place
+    # of a weight, or a new attribute value, is such a change
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = random_prompts(1, [5])
+    cllm_rt.generate(model, ids, mask, max_new_tokens=4)
+    up = model.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(torch.randn_like(up.weight) * 0.5)
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    assert compact.modules(model).native.params[4 + 3 * 5] is up.weight  # up_proj's weight slot
+    assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
+    model.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3
+    assert compact.modules(model).native is None  # the op takes one epsilon: the Python loop runs it
     want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
     assert torch.equal(cllm_rt.generate(model, ids, mask, max_new_tokens=8).sequences[:, :want.shape[1]], want)
 

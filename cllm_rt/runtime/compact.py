@@ -30,7 +30,9 @@ this forward does not call (a hook must see what it hooked), a model in training
 
 from __future__ import annotations
 
+import operator
 import typing
+import weakref
 
 import torch
 
@@ -58,51 +60,108 @@ def use_native_layers(enabled: bool) -> None:
 
 
 def applies(model) -> bool:
-    """Whether the decoding step runs ``model`` through :func:`forward`: asked every step, since hooks come and
-    go and a module can be swapped between calls."""
+    """Whether the decoding step runs ``model`` through :func:`forward`."""
+    return modules(model) is not None
+
+
+class Modules(typing.NamedTuple):
+    """What :func:`forward` reads from a model's modules."""
+    native: _NativeParams | None  # what cllm_rt::decoder_layers reads (None: a layer it does not compute)
+
+
+def modules(model) -> Modules | None:
+    """What :func:`forward` reads from ``model``'s modules, or None where the step takes the HF forward instead.
+    Asked every step, since hooks come and go and a module can be swapped between calls; the walk over the
+    modules runs again only where something it read has changed (:class:`_Reads`)."""
     if not (_enabled and getattr(model.config, "model_type", None) in SUPPORTED_MODEL_TYPES and not model.training):
-        return False
-    return _stock_and_unhooked(model.base_model)
+        return None
+    module_hooks = torch.nn.modules.module
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return None
+    base = model.base_model
+    walk = _walks.get(base)
+    if walk is None or not walk[0].still_hold():
+        reads = _Reads()
+        found = Modules(_native_params(base, reads)) if _stock_and_unhooked(base, reads) else None
+        walk = _walks[base] = (reads, found)
+    return walk[1]
 
 
-def _unhooked(module: torch.nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks)
+class _Reads:
+    """What a walk over the modules read, so that the next step can check that it all still holds, in C loops,
+    instead of walking again: for SmolLM2's 30 layers ~0.5 ms a step against ~1 ms (~0.06 ms against ~0.3 ms
+    where the modules are in cache, which a step's weights have evicted; 1 thread, AMD EPYC Zen 4). Reads
+    go to the modules' own dicts (``_modules``, ``_parameters``, ``__dict__``, hooks), never through
+    ``nn.Module.__getattr__``: a module, parameter, attribute or hook set or removed changes one of them."""
+
+    def __init__(self):
+        self.mappings: list[dict] = []  # mappings[i][keys[i]] was values[i]
+        self.keys: list[str] = []
+        self.values: list = []
+        self.sized: list[dict] = []  # dicts read whole (iterated, or hooks: any at all) had sizes[i] entries
+        self.sizes: list[int] = []
+
+    def get(self, mapping: dict, key: str):
+        value = mapping.get(key)
+        self.mappings.append(mapping)
+        self.keys.append(key)
+        self.values.append(value)
+        return value
+
+    def each(self, mapping: dict) -> list:
+        self.sized.append(mapping)
+        self.sizes.append(len(mapping))
+        return [self.get(mapping, key) for key in list(mapping)]
+
+    def unhooked(self, module: torch.nn.Module) -> bool:
+        hooks = (module._forward_hooks, module._forward_pre_hooks)
+        self.sized += hooks
+        self.sizes += map(len, hooks)
+        return not any(hooks)
+
+    def still_hold(self) -> bool:
+        return list(map(len, self.sized)) == self.sizes \
+            and all(map(operator.is_, map(dict.get, self.mappings, self.keys), self.values))
+
+
+_walks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> (its _Reads, what modules() found)
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def _stock_norm(module, family: str) -> bool:
+def _stock_norm(module, family: str, reads: _Reads) -> bool:
     """Whether ``module`` is the family's own RMSNorm without a hook (what :func:`_rms_norm` computes)."""
     return module is not None and type(module).__module__ == family and type(module).__name__.endswith("RMSNorm") \
-        and _unhooked(module)
+        and reads.unhooked(module)
 
 
-def _stock_and_unhooked(base) -> bool:
+def _stock_and_unhooked(base, reads: _Reads) -> bool:
     """Whether every module :func:`forward` skips (the base model, the norms, each layer, its attention and MLP
     and their linears) is the stock one (each block's linears all plain ``nn.Linear`` or all ``Int8Linear``,
-    each norm the family's RMSNorm)
-    without a forward hook, and no global hook is set. Reads ``_modules`` directly: attribute access through ``nn.Module.__getattr__`` made this check ~0.4 ms
-    a step for SmolLM2's 30 layers."""
-    module_hooks = torch.nn.modules.module
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks or not _unhooked(base):
+    each norm the family's RMSNorm) without a forward hook."""
+    if not reads.unhooked(base):
         return False
     modules, family = base._modules, type(base).__module__
-    if type(modules.get("embed_tokens")) is not torch.nn.Embedding or modules.get("rotary_emb") is None \
-            or not _stock_norm(modules.get("norm"), family) or modules.get("layers") is None:
+    if type(reads.get(modules, "embed_tokens")) is not torch.nn.Embedding or reads.get(modules, "rotary_emb") is None \
+            or not _stock_norm(reads.get(modules, "norm"), family, reads):
         return False
-    for layer in modules["layers"]._modules.values():
-        if not _unhooked(layer) or not all(_stock_norm(layer._modules.get(name), family) for name in _NORMS):
+    layers = reads.get(modules, "layers")
+    if layers is None:
+        return False
+    for layer in reads.each(layers._modules):
+        if not reads.unhooked(layer) or not all(_stock_norm(reads.get(layer._modules, name), family, reads)
+                                                for name in _NORMS):
             return False
         for name, linears in LAYER_LINEARS.items():
-            block = layer._modules.get(name)
-            if block is None or not _unhooked(block):
+            block = reads.get(layer._modules, name)
+            if block is None or not reads.unhooked(block):
                 return False
             first = type(block._modules.get(linears[0]))
             if first is not torch.nn.Linear and first is not Int8Linear:
                 return False
-            for linear in map(block._modules.get, linears):
-                if type(linear) is not first or not _unhooked(linear):  # _project calls one kernel per group
+            for linear in (reads.get(block._modules, name) for name in linears):
+                if type(linear) is not first or not reads.unhooked(linear):  # _project calls one kernel per group
                     return False
     return True
 
@@ -137,14 +196,15 @@ def _project(x: torch.Tensor, linears) -> list[torch.Tensor]:
     return ops.routed_linear(x, [m.weight for m in linears], [m.bias for m in linears])
 
 
-def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, lengths: torch.Tensor,
+def forward(model, found: Modules, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, lengths: torch.Tensor,
             page_table: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
     """Hidden states [B, n, d] after the final norm, as ``model.base_model(...).last_hidden_state`` with
-    ``runtime/attention.py``'s attention; the block's keys and values are written into ``cache``."""
+    ``runtime/attention.py``'s attention; the block's keys and values are written into ``cache``. ``found``:
+    what :func:`modules` just said of ``model``."""
     base = model.base_model
     x = base.embed_tokens(input_ids)
     cos, signed_sin = _rotary_tables(*base.rotary_emb(x, position_ids=position_ids))
-    native = _native_params(base) if _native and ops.native_kernel_for(x.device) else None
+    native = found.native if _native and ops.native_kernel_for(x.device) else None
     if native is None:
         x = _python_layers(base, x, cos, signed_sin, cache, lengths, page_table, parents)
     else:
@@ -186,50 +246,52 @@ class _NativeParams(typing.NamedTuple):
     int8: bool
 
 
-def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>``, a parameter or a buffer, without ``nn.Module.__getattr__`` (~0.3 us a read)."""
-    tensor = module._parameters.get(name)
-    return tensor if tensor is not None else module._buffers.get(name)
+def _tensor(module: torch.nn.Module, name: str, reads: _Reads) -> torch.Tensor | None:
+    """``module.<name>``, a parameter or a buffer."""
+    tensor = reads.get(module._parameters, name)
+    return tensor if tensor is not None else reads.get(module._buffers, name)
 
 
-def _stock_silu(module) -> bool:
+def _stock_silu(module, reads: _Reads) -> bool:
     """Whether ``module`` is torch's or transformers' SiLU as shipped (what the op computes, ``at::silu``): no hook,
     and no forward of its own on the instance (transformers' hub kernels put one there)."""
     stock = type(module) is torch.nn.SiLU or (type(module).__name__ == "SiLUActivation"
                                                 and type(module).__module__ == "transformers.activations")
-    return stock and _unhooked(module) and "forward" not in vars(module)
+    return stock and reads.unhooked(module) and reads.get(vars(module), "forward") is None
 
 
-def _native_params(base) -> _NativeParams | None:
-    """The layers' tensors in ``cllm_rt::decoder_layers``' order, read every step (modules can be swapped between
-    steps; ~0.2 ms for SmolLM2's 30 layers); None where a layer computes something the op does not: an activation
-    other than SiLU, norms of different epsilons, another head size or attention scale across layers, a qwen3
-    head norm that is not the stock RMSNorm."""
-    layers = list(base.layers._modules.values())
+def _native_params(base, reads: _Reads) -> _NativeParams | None:
+    """The layers' tensors in ``cllm_rt::decoder_layers``' order, for a ``base`` whose modules are stock
+    (:func:`_stock_and_unhooked`); None where a layer computes something the op does not: an activation other
+    than SiLU, norms of different epsilons, another head size or attention scale across layers, a qwen3 head
+    norm that is not the stock RMSNorm."""
+    layers = list(base._modules["layers"]._modules.values())
     first = layers[0]._modules["self_attn"]
-    eps, head_dim, scale = base.norm.variance_epsilon, first.head_dim, first.scaling
+    eps = reads.get(vars(base._modules["norm"]), "variance_epsilon")
+    head_dim, scale = reads.get(vars(first), "head_dim"), reads.get(vars(first), "scaling")
     family = type(base).__module__
     params: list = []
     int8 = False
     for layer in layers:
         attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
-        if not _stock_silu(mlp._modules.get("act_fn")) or attn.head_dim != head_dim or attn.scaling != scale:
+        if not _stock_silu(reads.get(mlp._modules, "act_fn"), reads) or reads.get(vars(attn), "head_dim") != head_dim \
+                or reads.get(vars(attn), "scaling") != scale:
             return None
-        head_norms = [attn._modules.get("q_norm"), attn._modules.get("k_norm")]
-        if any(norm is not None and not _stock_norm(norm, family) for norm in head_norms):
+        head_norms = [reads.get(attn._modules, "q_norm"), reads.get(attn._modules, "k_norm")]
+        if any(norm is not None and not _stock_norm(norm, family, reads) for norm in head_norms):
             return None
         norms = [layer._modules[name] for name in _NORMS] + head_norms
-        if any(norm is not None and norm.variance_epsilon != eps for norm in norms):
+        if any(norm is not None and reads.get(vars(norm), "variance_epsilon") != eps for norm in norms):
             return None
-        params += [None if norm is None else _tensor(norm, "weight") for norm in norms]
+        params += [None if norm is None else _tensor(norm, "weight", reads) for norm in norms]
         for block_name, names in LAYER_LINEARS.items():
             block = layer._modules[block_name]
             for name in names:
                 linear = block._modules[name]
-                scales = _tensor(linear, "scale") if type(linear) is Int8Linear else None
+                scales = _tensor(linear, "scale", reads) if type(linear) is Int8Linear else None
                 int8 = int8 or scales is not None
-                params += [_tensor(linear, "weight"), _tensor(linear, "bias"), scales]
-    kv_heads = _tensor(first._modules["k_proj"], "weight").shape[0] // head_dim
+                params += [_tensor(linear, "weight", reads), _tensor(linear, "bias", reads), scales]
+    kv_heads = _tensor(first._modules["k_proj"], "weight", reads).shape[0] // head_dim
     return _NativeParams(params, eps, kv_heads, head_dim, scale, int8)
 
 

@@ -48,8 +48,9 @@ def forward_block(model, cache: JacobiCache, block: torch.Tensor, depths: torch.
     """
     cache.begin_block(block.shape[1])
     offsets = torch.arange(block.shape[1], device=block.device) if depths is None else depths
-    if compact.applies(model):
-        return compact.forward(model, block, cache.lengths[:, None] + offsets, cache, cache.lengths,
+    found = compact.modules(model)
+    if found is not None:
+        return compact.forward(model, found, block, cache.lengths[:, None] + offsets, cache, cache.lengths,
                                cache.page_table, parents)
     kwargs = {CACHE_LENGTHS_KWARG: cache.lengths, PAGE_TABLE_KWARG: cache.page_table}
     if parents is not None:
