@@ -160,7 +160,7 @@ def _stock_and_unhooked(base, reads: _Reads) -> bool:
             first = type(block._modules.get(linears[0]))
             if first is not torch.nn.Linear and first is not Int8Linear:
                 return False
-            for linear in (reads.get(block._modules, name) for name in linears):
+            for linear in (reads.get(block._modules, linear_name) for linear_name in linears):
                 if type(linear) is not first or not reads.unhooked(linear):  # _project calls one kernel per group
                     return False
     return True
@@ -269,6 +269,8 @@ def _native_params(base, reads: _Reads) -> _NativeParams | None:
     first = layers[0]._modules["self_attn"]
     eps = reads.get(vars(base._modules["norm"]), "variance_epsilon")
     head_dim, scale = reads.get(vars(first), "head_dim"), reads.get(vars(first), "scaling")
+    if eps is None or head_dim is None or scale is None:  # not instance attributes: nothing a step can check
+        return None
     family = type(base).__module__
     params: list = []
     int8 = False
