@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 
+import cllm_rt.vllm
 from cllm_rt.runtime.drafts import AcceptanceStats
 from cllm_rt.vllm import CORPUS_ENV, Proposer
 
@@ -16,15 +17,35 @@ def _config(num_speculative_tokens=4, max_model_len=64):
                                  model_config=types.SimpleNamespace(max_model_len=max_model_len))
 
 
+class StepClock:
+    """What the proposer reads as ``time.perf_counter`` (the ``clock`` fixture): FakeBatch's steps advance it.
+    The proposer learns the step cost from the time between its calls, so with the real clock the drafts it
+    chooses would follow this machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = StepClock()
+    monkeypatch.setattr(cllm_rt.vllm, "time", clock)
+    return clock
+
+
 class FakeBatch:
     """vLLM's view of a running batch: slot i holds a request whose greedy continuation is ``targets[i]``.
 
     As vLLM's runner does, each step verifies the slot's drafts (the longest prefix equal to the target's
     tokens, plus the target's next token), appends what it made final to ``token_ids_cpu`` and passes that
-    to the proposer as ``sampled_token_ids``.
+    to the proposer as ``sampled_token_ids``. A step takes 10 ms plus 1 ms a token verified on ``clock``.
     """
 
-    def __init__(self, prompts, targets, max_model_len=64):
+    def __init__(self, prompts, targets, clock, max_model_len=64):
+        self.clock = clock
         self.targets = [list(t) for t in targets]
         self.token_ids_cpu = np.zeros((len(prompts), max_model_len), dtype=np.int32)
         self.num_tokens_no_spec = np.zeros(len(prompts), dtype=np.int32)
@@ -42,6 +63,7 @@ class FakeBatch:
             self.targets[slot] = list(target)
 
     def step(self, drafts):
+        self.clock.now += 0.010 + 0.001 * sum(1 + len(draft) for draft in drafts)
         sampled = []
         for slot, draft in enumerate(drafts):
             want = self.targets[slot][self.made[slot]:]
@@ -84,10 +106,10 @@ def test_drafts_continue_the_requests_own_context_and_skip_slots_not_decoding():
     assert drafts[0] and drafts[0] == [7, 8, 9][:len(drafts[0])]
 
 
-def test_acceptance_is_learnt_from_the_next_calls_sampled_tokens():
+def test_acceptance_is_learnt_from_the_next_calls_sampled_tokens(clock):
     # the target repeats its prompt: context drafts are right, and every accepted one must be counted
     prompt = [3, 4, 5, 6, 7, 8, 9, 10]
-    batch = FakeBatch([prompt], [prompt * 4])
+    batch = FakeBatch([prompt], [prompt * 4], clock)
     proposer = Proposer(_config())
     steps = batch.run(proposer, [[prompt[-1]]])
     assert _text(batch, 0) == prompt + prompt * 4
@@ -97,10 +119,10 @@ def test_acceptance_is_learnt_from_the_next_calls_sampled_tokens():
     assert proposer.acceptance.calibration("context", 4, 1) > fresh.calibration("context", 4, 1)
 
 
-def test_rejected_drafts_lower_the_calibration_until_drafting_stops():
+def test_rejected_drafts_lower_the_calibration_until_drafting_stops(clock):
     # the context suggests 1 2 3 again, the target never follows it: drafts shrink to nothing
     prompt = [1, 2, 3, 9, 1, 2, 3, 9, 1, 2]
-    batch = FakeBatch([prompt], [[50 + i for i in range(40)]])
+    batch = FakeBatch([prompt], [[50 + i for i in range(40)]], clock)
     proposer = Proposer(_config())
     batch.run(proposer, [[prompt[-1]]])
     fresh = AcceptanceStats()
@@ -113,9 +135,9 @@ def test_rejected_drafts_lower_the_calibration_until_drafting_stops():
     assert proposer.proposed_tokens - proposed_before < proposed_before
 
 
-def test_a_new_request_in_a_slot_is_not_mistaken_for_the_old_one():
+def test_a_new_request_in_a_slot_is_not_mistaken_for_the_old_one(clock):
     prompt = [3, 4, 5, 6, 3, 4]
-    batch = FakeBatch([prompt], [[5, 6, 3, 4]])
+    batch = FakeBatch([prompt], [[5, 6, 3, 4]], clock)
     proposer = Proposer(_config())
     batch.run(proposer, [[4]])
     accepted = proposer.accepted_tokens
@@ -129,9 +151,9 @@ def test_a_new_request_in_a_slot_is_not_mistaken_for_the_old_one():
 
 
 @pytest.mark.parametrize("mode", ["shared", "off"])
-def test_the_shared_corpus_drafts_from_earlier_requests_and_off_does_not(mode):
+def test_the_shared_corpus_drafts_from_earlier_requests_and_off_does_not(mode, clock):
     answer = [40, 41, 42, 43, 44, 45, 46, 47]
-    batch = FakeBatch([[1, 2, 3]], [answer])
+    batch = FakeBatch([[1, 2, 3]], [answer], clock)
     proposer = Proposer(_config(), corpus=mode)
     batch.run(proposer, [[3]])
     batch.place(0, [9, 9, 8, 40, 41], answer[2:])  # quotes the first answer's start: the corpus knows the rest
