@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -16,9 +17,11 @@
 namespace cllm_rt::cpu {
 namespace {
 
-// Elements a parallel task gets at least: below this, a call stays on one thread (as ATen's own
-// elementwise ops do), since a one-token step's norms and rotations are a few hundred elements.
-constexpr int64_t kGrain = 32768;
+// Tasks of `elements` each per parallel_for grain: ATen's own elementwise grain (TensorIterator's),
+// so a one-token step's norms and rotations (a few hundred elements) stay on one thread as its ops do.
+int64_t grain_of(int64_t elements) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elements, 1));
+}
 
 // A floating CPU tensor with its data at hand, outside autograd's sight: not a fake or functional
 // wrapper (opcheck, torch.compile) and nothing that would need a gradient through these loops.
@@ -52,7 +55,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     float* sq = squares.data_ptr<float>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(d, 1));
+    const int64_t grain = grain_of(d);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin * d; i < end * d; ++i) {  // x.to(float32).pow(2): pow 2 is h * h
         const float h = static_cast<float>(xs[i]);
@@ -97,7 +100,7 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed
     const scalar_t* cs = cos.const_data_ptr<scalar_t>();
     const scalar_t* ss = signed_sin.const_data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1));
+    const int64_t grain = grain_of(D);
     at::parallel_for(0, B * H * n, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> by_cos(D), by_sin(D);
       for (int64_t task = begin; task < end; ++task) {
