@@ -193,7 +193,8 @@ def table(result: dict, names: list[str], sizes: list[int]) -> str:
     if plan:
         lines.append(f"ops.linear at 1-{len(plan['pays'])} rows (measured on this machine): {plan['pays']}, "
                      f"{plan['tiles'][0]} / {plan['tiles'][1]} tiles at 1 / 2 rows, next tile prefetched "
-                     f"{'into L2' if plan['prefetch_l2'] else 'non-temporally'}")
+                     + " / ".join('into L2' if l2 else 'non-temporally' for l2 in plan['prefetch_l2'])
+                     + " at 1 / 2 / more rows")
     one = result["median_ms"]["cllm_rt|1"]
     lines.append(f"one-token cllm_rt forward at {result['weight_read_limit_ms'] / one:.0%} of the weight-read limit")
     return "\n".join(lines)

@@ -98,12 +98,17 @@ LINEAR_MAX_ROWS = 24 if getattr(_C, "AVX512", 0) else 16
 _SMALL_ROW_MARGIN = 0.9
 # The kernel prefetches its next weight tile into L2 only when that measured at least this much faster than
 # non-temporally: what non-temporal prefetches save the rest of a decoding step (the KV cache and activations
-# left in L2: 8 % of a SmolLM2 step on a Zen 5) does not show in a linear-only measurement.
-_PREFETCH_L2_MARGIN = 0.8
-# The row count at which the prefetch target is measured: a tree's forward, whose tiles take several passes.
+# left in L2: 8 % of a SmolLM2 step on a Zen 5) does not show in a linear-only measurement. Not more: at 0.8 an
+# Intel Xeon with AMX (family 6 model 167) chose bf16's target at 8 rows by noise (L2 at 0.67-0.80 of
+# non-temporal from run to run), and non-temporal then doubled its steps of 4-8 tokens; AMD's Zen 4 measured
+# 0.65-0.69 or 1.03-1.10 in every run.
+_PREFETCH_L2_MARGIN = 0.9
+# The row count at which a tree's forward is measured: the prefetch target of calls of 3 rows and more, and
+# whether ops.linear pays there.
 _PREFETCH_ROWS = 8
 # Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
-_PLAN_METHOD = 4
+_PLAN_METHOD = 5
+_PREFETCH_TARGETS = {"non-temporal": False, "l2": True}
 # The tile shapes the kernel can give calls of one or two rows, in csrc/cpu/linear.h's FewRowTiles order; "paired"
 # (one row computed as two) applies to one-row calls only.
 TILE_SHAPES = ("wide", "tall", "streamed", "paired")
@@ -116,11 +121,11 @@ _TILE_MARGIN = 0.9
 
 class LinearPlan(NamedTuple):
     """What :func:`linear_plan` measured for one dtype and thread count: whether ops.linear prefetches its next
-    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h), its tile shape (of TILE_SHAPES) at 1
-    and at 2 rows (``tiles``; "paired" at 1 only), whether ops.linear then beats torch's linear at 1 ..
-    LINEAR_MIN_ROWS - 1 rows (``pays[rows - 1]``) and at a tree's _PREFETCH_ROWS rows (``tree_pays``), and the
-    medians behind it (``ms``: name -> ms)."""
-    prefetch_l2: bool
+    weight tile into L2 rather than non-temporally (csrc/cpu/linear.h) in calls of 1 row, of 2 rows and of more
+    (``prefetch_l2``), its tile shape (of TILE_SHAPES) at 1 and at 2 rows (``tiles``; "paired" at 1 only),
+    whether ops.linear then beats torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows (``pays[rows - 1]``) and at a
+    tree's _PREFETCH_ROWS rows (``tree_pays``), and the medians behind it (``ms``: name -> ms)."""
+    prefetch_l2: tuple[bool, bool, bool]
     tiles: tuple[str, str]
     pays: tuple[bool, ...]
     tree_pays: bool
@@ -151,12 +156,13 @@ def _plan_in_force(dtype: torch.dtype) -> LinearPlan:
 _tuning_set: dict = {}  # dtype -> (tiles, prefetch_l2): what the kernel was last told
 
 
-def _set_tuning(dtype: torch.dtype, tiles: tuple[str, str], prefetch_l2: bool) -> None:
-    """Tells the kernel ``tiles`` (at 1 and 2 rows; "paired" at 2 rows is the wide tiles) and the prefetch target."""
+def _set_tuning(dtype: torch.dtype, tiles: tuple[str, str], prefetch_l2: tuple[bool, bool, bool]) -> None:
+    """Tells the kernel ``tiles`` (at 1 and 2 rows; "paired" at 2 rows is the wide tiles) and the prefetch targets
+    (at 1 row, 2 rows, more)."""
     one_row, two_rows = tiles
     _C.set_linear_tuning(str(dtype).removeprefix("torch."), TILE_SHAPES.index(one_row),
-                         TILE_SHAPES.index("wide" if two_rows == "paired" else two_rows), prefetch_l2)
-    _tuning_set[dtype] = (tuple(tiles), prefetch_l2)
+                         TILE_SHAPES.index("wide" if two_rows == "paired" else two_rows), tuple(prefetch_l2))
+    _tuning_set[dtype] = (tuple(tiles), tuple(prefetch_l2))
 
 
 def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
@@ -181,10 +187,12 @@ def _plan_file(dtype: torch.dtype, threads: int) -> pathlib.Path:
 
 def _read_plan(path: pathlib.Path) -> LinearPlan:
     fields = json.loads(path.read_text())
-    tiles = tuple(fields["tiles"])
+    tiles, prefetch_l2 = tuple(fields["tiles"]), tuple(map(bool, fields["prefetch_l2"]))
     if len(tiles) != 2 or tiles[0] not in TILE_SHAPES or tiles[1] not in _TWO_ROW_SHAPES:
         raise ValueError(f"unknown tile shapes {tiles}")
-    return LinearPlan(bool(fields["prefetch_l2"]), tiles, tuple(map(bool, fields["pays"])),
+    if len(prefetch_l2) != 3:
+        raise ValueError(f"prefetch targets for 1 row, 2 rows and more expected, got {prefetch_l2}")
+    return LinearPlan(prefetch_l2, tiles, tuple(map(bool, fields["pays"])),
                       bool(fields["tree_pays"]), dict(fields["ms"]))
 
 
@@ -216,11 +224,23 @@ def _cached_plan(dtype: torch.dtype, threads: int) -> LinearPlan:
         return plan  # no writable cache: this process's own measurement
 
 
+def _prefetch_target(ms: dict, call: str) -> str:
+    """Where ``call`` (a shape and row count, measured with each target in ``ms``: name -> ms) prefetches: "l2"
+    where that measured _PREFETCH_L2_MARGIN faster, else "non-temporal"."""
+    return "l2" if ms[f"{call} l2"] < _PREFETCH_L2_MARGIN * ms[f"{call} non-temporal"] else "non-temporal"
+
+
+def _with_its_target(ms: dict, call: str) -> float:
+    """``call``'s median in ``ms`` with its prefetch target (:func:`_prefetch_target`)."""
+    return ms[f"{call} {_prefetch_target(ms, call)}"]
+
+
 def _fastest_shape(ms: dict, rows: int, shapes: tuple[str, ...]) -> str:
-    """The fastest of ``shapes`` at ``rows`` rows in ``ms`` (name -> ms), the wide tiles unless another is
-    _TILE_MARGIN faster."""
-    best = min(shapes, key=lambda shape: ms[f"{shape} {rows}"])
-    return best if ms[f"{best} {rows}"] < _TILE_MARGIN * ms[f"wide {rows}"] else "wide"
+    """The fastest of ``shapes`` at ``rows`` rows in ``ms``, each with its prefetch target, the wide tiles unless
+    another is _TILE_MARGIN faster."""
+    best = min(shapes, key=lambda shape: _with_its_target(ms, f"{shape} {rows}"))
+    fastest = _with_its_target(ms, f"{best} {rows}")
+    return best if fastest < _TILE_MARGIN * _with_its_target(ms, f"wide {rows}") else "wide"
 
 
 def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
@@ -237,16 +257,18 @@ def _last_level_cache_bytes(caches: str = "/sys/devices/system/cpu/cpu0/cache") 
 
 
 def _measure_plan(dtype: torch.dtype) -> LinearPlan:
-    """Times ops.linear's two prefetch targets at _PREFETCH_ROWS rows, then, with the chosen one, its tile shapes
-    at 1 and 2 rows, its wide tiles at LINEAR_MIN_ROWS - 1, and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows
-    and at _PREFETCH_ROWS. Each call runs a decoder's worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x
-    576): the two halves of a set in turn, each half the size of the last-level cache (at least 32 MiB, at most
-    512 MiB: up to 1 GiB allocated while it measures), so every call streams its weights from memory as a
-    decoding step does. One large weight did not stand for a model: on a Xeon with AMX (family 6
-    model 167) it measured torch's bf16 linear ahead at 8 rows (30 vs 31 ms), where on SmolLM2's layers and on
-    this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 11 interleaved calls: with 5, a drifting host's noise
-    picked another one-row shape from run to run (an AMD EPYC Zen 4, 32 MiB of L3, where it now takes ~0.5 s a
-    dtype); 5 calls of fewer shapes took ~5 s on that Xeon's 480 MiB, so ~3x that there now (not measured)."""
+    """Times ops.linear's wide tiles with either prefetch target at _PREFETCH_ROWS rows (the target of every call of
+    3 rows and more), then its tile shapes at 1 and 2 rows with either target (which target is faster can differ
+    from shape to shape on one machine: csrc/cpu/linear.cpp), its wide tiles at LINEAR_MIN_ROWS - 1 with the first's
+    target, and torch's linear at 1 .. LINEAR_MIN_ROWS - 1 rows and at _PREFETCH_ROWS. Each call runs a decoder's
+    worth of layer-sized weights (SmolLM2's MLP matrix, 1536 x 576): the two halves of a set in turn, each half the
+    size of the last-level cache (at least 32 MiB, at most 512 MiB: up to 1 GiB allocated while it measures), so
+    every call streams its weights from memory as a decoding step does. One large weight did not stand for a model:
+    on a Xeon with AMX (family 6 model 167) it measured torch's bf16 linear ahead at 8 rows (30 vs 31 ms), where on
+    SmolLM2's layers and on this set ops.linear is (43 vs 37 ms; 87 vs 71). Medians of 11 interleaved calls: with 5,
+    a drifting host's noise picked another one-row shape from run to run (an AMD EPYC Zen 4, 32 MiB of L3, where 12
+    calls a round took ~0.5 s a dtype); the 19 a round now take 9-20 s a dtype on that Xeon's 480 MiB (1 and 2
+    threads)."""
     N, K = 1536, 576
 
     def matrix_set(half_bytes: int) -> tuple[torch.Tensor, ...]:
@@ -274,7 +296,7 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
 
     def ours(rows: int, tiles: str = "wide", prefetch_l2: bool = False):
         def run(half):
-            _set_tuning(dtype, (tiles, tiles), prefetch_l2)
+            _set_tuning(dtype, (tiles, tiles), (prefetch_l2,) * 3)
             for weight in half:
                 torch.ops.cllm_rt.linear(inputs[rows], [weight], [None])
         return run
@@ -285,20 +307,24 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
                 F.linear(inputs[rows], weight)
         return run
 
-    ms = medians({f"{target} {_PREFETCH_ROWS}": ours(_PREFETCH_ROWS, prefetch_l2=target == "l2")
-                  for target in ("non-temporal", "l2")})
-    prefetch_l2 = ms[f"l2 {_PREFETCH_ROWS}"] < _PREFETCH_L2_MARGIN * ms[f"non-temporal {_PREFETCH_ROWS}"]
+    tree = f"wide {_PREFETCH_ROWS}"
+    ms = medians({f"{tree} {target}": ours(_PREFETCH_ROWS, prefetch_l2=l2) for target, l2 in _PREFETCH_TARGETS.items()})
+    more_rows_l2 = _PREFETCH_TARGETS[_prefetch_target(ms, tree)]
     # the shapes apply to 1 and 2 rows only, so 3 rows always take wide tiles
-    candidates = {f"{tiles} {rows}": ours(rows, tiles, prefetch_l2) for rows in (1, 2)
-                  for tiles in (TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES)}
-    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, "wide", prefetch_l2)
+    candidates = {f"{tiles} {rows} {target}": ours(rows, tiles, l2) for rows in (1, 2)
+                  for tiles in (TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES) for target, l2 in _PREFETCH_TARGETS.items()}
+    candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, "wide", more_rows_l2)
     candidates.update({f"torch {rows}": torch_linear(rows) for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)})
     ms |= medians(candidates)
     tiles = tuple(_fastest_shape(ms, rows, TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES) for rows in (1, 2))
-    pays = tuple(ms[f"{tiles[rows - 1] if rows <= 2 else 'wide'} {rows}"] < _SMALL_ROW_MARGIN * ms[f"torch {rows}"]
-                 for rows in range(1, LINEAR_MIN_ROWS))
-    ours_at_tree = ms[f"{'l2' if prefetch_l2 else 'non-temporal'} {_PREFETCH_ROWS}"]  # the first batch's median
-    tree_pays = ours_at_tree < _SMALL_ROW_MARGIN * ms[f"torch {_PREFETCH_ROWS}"]
+    prefetch_l2 = (*(_PREFETCH_TARGETS[_prefetch_target(ms, f"{shape} {rows}")] for rows, shape in enumerate(tiles, 1)),
+                   more_rows_l2)
+
+    def ours_at(rows: int) -> float:
+        return _with_its_target(ms, f"{tiles[rows - 1]} {rows}") if rows <= 2 else ms[f"wide {rows}"]
+
+    pays = tuple(ours_at(rows) < _SMALL_ROW_MARGIN * ms[f"torch {rows}"] for rows in range(1, LINEAR_MIN_ROWS))
+    tree_pays = _with_its_target(ms, tree) < _SMALL_ROW_MARGIN * ms[f"torch {_PREFETCH_ROWS}"]
     return LinearPlan(prefetch_l2, tiles, pays, tree_pays, ms)
 
 
@@ -315,7 +341,7 @@ def linear_pays(x: torch.Tensor) -> bool:
     rows = x.shape[:-1].numel()
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16) or not 1 <= rows <= LINEAR_MAX_ROWS:
         return False
-    plan = _plan_in_force(x.dtype)  # also sets the kernel's prefetch target, which every row count uses
+    plan = _plan_in_force(x.dtype)  # also sets the kernel's prefetch targets, which every row count uses
     if rows < LINEAR_MIN_ROWS:
         return plan.pays[rows - 1]
     if x.dtype == torch.bfloat16 and cpu_has_amx_bf16():

@@ -54,16 +54,20 @@ TORCH_LIBRARY(cllm_rt, m) {
 static PyObject* set_linear_tuning(PyObject*, PyObject* args) {
   const char* dtype = nullptr;
   long long one_row = 0, two_rows = 0;
-  int to_l2 = 0;
-  if (!PyArg_ParseTuple(args, "sLLp", &dtype, &one_row, &two_rows, &to_l2)) return nullptr;
+  int one_row_to_l2 = 0, two_rows_to_l2 = 0, more_rows_to_l2 = 0;
+  if (!PyArg_ParseTuple(args, "sLL(ppp)", &dtype, &one_row, &two_rows, &one_row_to_l2, &two_rows_to_l2,
+                        &more_rows_to_l2)) {
+    return nullptr;
+  }
   if (one_row < 0 || one_row > 3 || two_rows < 0 || two_rows > 2) {
     PyErr_Format(PyExc_ValueError,
                  "set_linear_tuning: tile shapes are 0 (wide), 1 (tall), 2 (streamed) or, for one row, 3 (paired); "
                  "got %lld and %lld", one_row, two_rows);
     return nullptr;
   }
+  const bool to_l2[3] = {one_row_to_l2 != 0, two_rows_to_l2 != 0, more_rows_to_l2 != 0};
   if (!cllm_rt::set_linear_tuning(dtype, static_cast<cllm_rt::FewRowTiles>(one_row),
-                                  static_cast<cllm_rt::FewRowTiles>(two_rows), to_l2 != 0)) {
+                                  static_cast<cllm_rt::FewRowTiles>(two_rows), to_l2)) {
     PyErr_Format(PyExc_ValueError, "set_linear_tuning: no linear kernel for dtype %s", dtype);
     return nullptr;
   }
@@ -73,9 +77,10 @@ static PyObject* set_linear_tuning(PyObject*, PyObject* args) {
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"set_linear_tuning", set_linear_tuning, METH_VARARGS,
-       "set_linear_tuning(dtype_name, one_row_tiles, two_row_tiles, prefetch_to_l2): the tile shape of CPU linear "
-       "calls of one and of two rows (0 wide, 1 tall, 2 streamed rows, 3 paired: one row only); the next weight tile "
-       "is prefetched into L2, else non-temporally"},
+       "set_linear_tuning(dtype_name, one_row_tiles, two_row_tiles, (one_row_l2, two_rows_l2, more_rows_l2)): the "
+       "tile shape of CPU linear calls of one and of two rows (0 wide, 1 tall, 2 streamed rows, 3 paired: one row "
+       "only); whether calls of one row, of two and of more prefetch the next weight tile into L2, else "
+       "non-temporally"},
       {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);

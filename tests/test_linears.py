@@ -15,7 +15,7 @@ native = pytest.mark.skipif(not ops.native_available(), reason="native extension
 
 def plan(monkeypatch, *pays: bool, tree_pays: bool = True):
     """Pretend linear_plan measured ``pays`` (rows 1 .. LINEAR_MIN_ROWS - 1) and ``tree_pays`` for every dtype."""
-    plan_in_force = ops.LinearPlan(False, ("wide", "wide"), pays, tree_pays, {})
+    plan_in_force = ops.LinearPlan((False, False, False), ("wide", "wide"), pays, tree_pays, {})
     monkeypatch.setattr(ops, "_plan_in_force", lambda dtype: plan_in_force)
 
 
@@ -25,18 +25,25 @@ def test_linear_plan_measures_every_choice_once_and_follows_its_medians(dtype):
     measured = ops.linear_plan(dtype)
     ms = measured.ms
     assert len(measured.pays) == ops.LINEAR_MIN_ROWS - 1 and all(t > 0 for t in ms.values())
-    rows = ops._PREFETCH_ROWS
-    assert measured.prefetch_l2 == (ms[f"l2 {rows}"] < ops._PREFETCH_L2_MARGIN * ms[f"non-temporal {rows}"])
+    def target(call):  # L2 only where it measured the margin faster than non-temporal
+        return "l2" if ms[f"{call} l2"] < ops._PREFETCH_L2_MARGIN * ms[f"{call} non-temporal"] else "non-temporal"
+
+    def best(call):
+        return ms[f"{call} {target(call)}"]
+
+    tree = f"wide {ops._PREFETCH_ROWS}"
     for rows, shape in enumerate(measured.tiles, 1):  # the fastest shape, unless within the margin of wide tiles
         shapes = ops.TILE_SHAPES if rows == 1 else ops._TWO_ROW_SHAPES
-        fastest = min(shapes, key=lambda s: ms[f"{s} {rows}"])
-        assert shape == (fastest if ms[f"{fastest} {rows}"] < ops._TILE_MARGIN * ms[f"wide {rows}"] else "wide")
-    assert "paired 2" not in ms  # one row read twice: a one-row shape
+        fastest = min(shapes, key=lambda s: best(f"{s} {rows}"))
+        assert shape == (fastest if best(f"{fastest} {rows}") < ops._TILE_MARGIN * best(f"wide {rows}") else "wide")
+    # each row count prefetches where its shape measured faster; 3 rows and more as a tree's calls
+    assert measured.prefetch_l2 == (*(target(f"{shape} {rows}") == "l2" for rows, shape in enumerate(measured.tiles, 1)),
+                                    target(tree) == "l2")
+    assert "paired 2 l2" not in ms and "paired 2 non-temporal" not in ms  # one row read twice: a one-row shape
     for rows, pays in enumerate(measured.pays, 1):
-        ours = ms[f"{measured.tiles[rows - 1]} {rows}"] if rows <= 2 else ms[f"wide {rows}"]
+        ours = best(f"{measured.tiles[rows - 1]} {rows}") if rows <= 2 else ms[f"wide {rows}"]
         assert pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {rows}"])
-    ours = ms[f"{'l2' if measured.prefetch_l2 else 'non-temporal'} {ops._PREFETCH_ROWS}"]
-    assert measured.tree_pays == (ours < ops._SMALL_ROW_MARGIN * ms[f"torch {ops._PREFETCH_ROWS}"])
+    assert measured.tree_pays == (best(tree) < ops._SMALL_ROW_MARGIN * ms[f"torch {ops._PREFETCH_ROWS}"])
     assert ops.linear_plan(dtype) is measured  # cached per dtype and thread count
 
 
@@ -50,25 +57,34 @@ def test_the_plan_is_kept_per_machine_and_the_first_published_plan_wins(tmp_path
         assert path.parent == tmp_path / "linear-plans" and ops._read_plan(path) == measured
         # a plan another process published is the one every later process uses
         tiles = ("paired", "tall") if measured.tiles != ("paired", "tall") else ("streamed", "wide")
-        other = ops.LinearPlan(not measured.prefetch_l2, tiles,
+        other = ops.LinearPlan(tuple(not p for p in measured.prefetch_l2), tiles,
                                tuple(not p for p in measured.pays), not measured.tree_pays, {"torch 1": 1.0})
         path.write_text(json.dumps(other._asdict()))
         ops._cached_plan.cache_clear()
         assert ops.linear_plan(torch.float32) == other
-        # an unreadable file is measured again and replaced, leaving no scratch file
-        path.write_text("{")
-        ops._cached_plan.cache_clear()
-        again = ops.linear_plan(torch.float32)
-        assert ops._read_plan(path) == again and len(again.pays) == ops.LINEAR_MIN_ROWS - 1
-        assert [p.name for p in path.parent.iterdir()] == [path.name]
-        # so is a file naming a shape the kernel lacks (paired at two rows)
-        path.write_text(json.dumps({**other._asdict(), "tiles": ["wide", "paired"]}))
-        ops._cached_plan.cache_clear()
-        assert ops.linear_plan(torch.float32).tiles[1] in ops._TWO_ROW_SHAPES
+        # from here on a measurement is a fake one, each call another plan: what follows is about the file
+        measurements = []
+
+        def measure(dtype):
+            measurements.append(measured._replace(ms={"measurement": len(measurements) + 1.0}))
+            return measurements[-1]
+
+        monkeypatch.setattr(ops, "_measure_plan", measure)
+        # an unreadable file is measured again and replaced, leaving no scratch file; so is a file naming a shape
+        # the kernel lacks (paired at two rows), and one of a single prefetch target (as _PLAN_METHOD 4 measured)
+        for unreadable in ("{", json.dumps({**other._asdict(), "tiles": ["wide", "paired"]}),
+                           json.dumps({**other._asdict(), "prefetch_l2": True}),
+                           json.dumps({**other._asdict(), "prefetch_l2": [True, False]})):
+            path.write_text(unreadable)
+            ops._cached_plan.cache_clear()
+            again = ops.linear_plan(torch.float32)
+            assert again == measurements[-1] and ops._read_plan(path) == again, unreadable
+            assert [p.name for p in path.parent.iterdir()] == [path.name]
+        assert len(measurements) == 4
         # no writable cache: the process's own measurement
         monkeypatch.setenv("CLLM_RT_CACHE", str(path))  # a file, not a directory
         ops._cached_plan.cache_clear()
-        assert len(ops.linear_plan(torch.float32).pays) == ops.LINEAR_MIN_ROWS - 1
+        assert ops.linear_plan(torch.float32) == measurements[-1] and len(measurements) == 5
     finally:
         ops._cached_plan.cache_clear()  # later tests read the real cache again
 
@@ -98,37 +114,38 @@ def test_the_tuning_does_not_change_a_bit(dtype):
     try:
         results = {}
         for shape in ops.TILE_SHAPES:
-            for prefetch_l2 in (True, False):
+            for prefetch_l2 in ((True,) * 3, (False,) * 3, (True, False, True), (False, True, False)):
                 ops._set_tuning(dtype, (shape, shape), prefetch_l2)
                 results[shape, prefetch_l2] = [ops.linear(x[:rows], weights) for rows in (1, 2, 9)]
     finally:
         ops.linear_plan(dtype)  # the measured choice again
-    assert len(results) == 2 * len(ops.TILE_SHAPES)
-    first = results["tall", True]
+    assert len(results) == 4 * len(ops.TILE_SHAPES)
+    first = results["tall", (True,) * 3]
     for other in results.values():
         for a, b in zip(first, other):
             assert all(torch.equal(u, v) for u, v in zip(a, b))
     for rows in (1, 2):  # and a row's bits do not depend on the other rows
         assert torch.equal(first[rows - 1][0][0], first[2][0][0])
     with pytest.raises(ValueError, match="no linear kernel for dtype int8"):
-        ops._C.set_linear_tuning("int8", 2, 2, False)
+        ops._C.set_linear_tuning("int8", 2, 2, (False, False, False))
     for one_row, two_rows in ((4, 0), (0, 3), (-1, 0)):  # paired (3) is a one-row shape
         with pytest.raises(ValueError, match=rf"or, for one row, 3 \(paired\); got {one_row} and {two_rows}$"):
-            ops._C.set_linear_tuning("float32", one_row, two_rows, False)
+            ops._C.set_linear_tuning("float32", one_row, two_rows, (False, False, False))
 
 
 @native
 def test_every_routed_call_and_int8_linear_runs_with_the_plan_s_tuning():
-    """The prefetch target applies to every row count, so a routed call of a tree's rows sets the plan's tuning
+    """The prefetch targets apply at every row count, so a routed call of a tree's rows sets the plan's tuning
     too, not only the few-row calls that read ``pays``."""
     measured = ops.linear_plan(torch.float32)
     try:
         other = tuple(next(s for s in ops.TILE_SHAPES if s != shape) for shape in measured.tiles)
-        ops._set_tuning(torch.float32, other, not measured.prefetch_l2)
+        flipped = tuple(not p for p in measured.prefetch_l2)
+        ops._set_tuning(torch.float32, other, flipped)
         assert ops.linear_pays(torch.randn(ops.LINEAR_MIN_ROWS, 16)) == measured.tree_pays
         assert ops._tuning_set[torch.float32] == (measured.tiles, measured.prefetch_l2)
         # and an int8 model's linears, which call the kernel directly
-        ops._set_tuning(torch.float32, other, not measured.prefetch_l2)
+        ops._set_tuning(torch.float32, other, flipped)
         q, scale = torch.ones(4, 16, dtype=torch.int8), torch.ones(4)
         ops.linear_int8_unchecked(torch.randn(1, 16), [q], [scale], [None])
         assert ops._tuning_set[torch.float32] == (measured.tiles, measured.prefetch_l2)
@@ -208,7 +225,7 @@ def test_int8_weights_follow_float32_s_tuning_and_it_does_not_change_a_bit():
     try:
         results = []
         for shape in ops.TILE_SHAPES:
-            ops._set_tuning(torch.float32, (shape, shape), shape == "tall")
+            ops._set_tuning(torch.float32, (shape, shape), (shape == "tall", shape != "tall", shape == "tall"))
             results.append([ops.linear_int8(x[:rows], [q], [scale])[0] for rows in (1, 2)])
     finally:
         ops.linear_plan(torch.float32)  # the measured choice again
