@@ -99,7 +99,7 @@ _SMALL_ROW_MARGIN = 0.9
 # The kernel prefetches its next weight tile into L2 only when that measured at least this much faster than
 # non-temporally: what non-temporal prefetches save the rest of a decoding step (the KV cache and activations
 # left in L2: 8 % of a SmolLM2 step on a Zen 5) does not show in a linear-only measurement. Not more: at 0.8 an
-# Intel Xeon with AMX (family 6 model 167) chose bf16's target at 8 rows by noise (L2 at 0.67-0.80 of
+# Intel Xeon with AMX (family 6 model 167) chose bf16's target at 8 rows by noise (L2 at 0.67-0.82 of
 # non-temporal from run to run), and non-temporal then doubled its steps of 4-8 tokens; AMD's Zen 4 measured
 # 0.65-0.69 or 1.03-1.10 in every run.
 _PREFETCH_L2_MARGIN = 0.9
@@ -108,6 +108,7 @@ _PREFETCH_L2_MARGIN = 0.9
 _PREFETCH_ROWS = 8
 # Plans measured by an earlier _measure_plan are measured again (part of the plan file's name).
 _PLAN_METHOD = 5
+# The prefetch targets the plan times, by the names its medians carry, and what each tells the kernel (to_l2).
 _PREFETCH_TARGETS = {"non-temporal": False, "l2": True}
 # The tile shapes the kernel can give calls of one or two rows, in csrc/cpu/linear.h's FewRowTiles order; "paired"
 # (one row computed as two) applies to one-row calls only.
@@ -312,7 +313,8 @@ def _measure_plan(dtype: torch.dtype) -> LinearPlan:
     more_rows_l2 = _PREFETCH_TARGETS[_prefetch_target(ms, tree)]
     # the shapes apply to 1 and 2 rows only, so 3 rows always take wide tiles
     candidates = {f"{tiles} {rows} {target}": ours(rows, tiles, l2) for rows in (1, 2)
-                  for tiles in (TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES) for target, l2 in _PREFETCH_TARGETS.items()}
+                  for tiles in (TILE_SHAPES if rows == 1 else _TWO_ROW_SHAPES)
+                  for target, l2 in _PREFETCH_TARGETS.items()}
     candidates[f"wide {LINEAR_MIN_ROWS - 1}"] = ours(LINEAR_MIN_ROWS - 1, "wide", more_rows_l2)
     candidates.update({f"torch {rows}": torch_linear(rows) for rows in (*range(1, LINEAR_MIN_ROWS), _PREFETCH_ROWS)})
     ms |= medians(candidates)

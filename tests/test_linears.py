@@ -37,8 +37,8 @@ def test_linear_plan_measures_every_choice_once_and_follows_its_medians(dtype):
         fastest = min(shapes, key=lambda s: best(f"{s} {rows}"))
         assert shape == (fastest if best(f"{fastest} {rows}") < ops._TILE_MARGIN * best(f"wide {rows}") else "wide")
     # each row count prefetches where its shape measured faster; 3 rows and more as a tree's calls
-    assert measured.prefetch_l2 == (*(target(f"{shape} {rows}") == "l2" for rows, shape in enumerate(measured.tiles, 1)),
-                                    target(tree) == "l2")
+    few_rows = tuple(target(f"{shape} {rows}") == "l2" for rows, shape in enumerate(measured.tiles, 1))
+    assert measured.prefetch_l2 == (*few_rows, target(tree) == "l2")
     assert "paired 2 l2" not in ms and "paired 2 non-temporal" not in ms  # one row read twice: a one-row shape
     for rows, pays in enumerate(measured.pays, 1):
         ours = best(f"{measured.tiles[rows - 1]} {rows}") if rows <= 2 else ms[f"wide {rows}"]
